@@ -1,0 +1,1 @@
+"""Registration backends, one module each, behind the interface in `base.py`."""

@@ -1,0 +1,271 @@
+"""Images with explicit geometry, and the one place that converts them.
+
+`Image` holds a voxel array in SimpleITK order ((z,)y,x) and its geometry in ITK order (x,y(,z)):
+spacing in mm, origin in mm and a direction matrix whose columns are the index axes, all in LPS.
+Every other representation (SimpleITK, ITK, ANTs, numpy, files; MRML lives in `mrml.py`) goes
+through the functions here, so that axis order and LPS/RAS are decided exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+#: Voxel types the library accepts; everything else (complex, bool, object) is a user error.
+SUPPORTED_DTYPES = (
+    np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64,
+    np.float16, np.float32, np.float64,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Image:
+    """A scalar 2D or 3D image with LPS geometry; the array is in SimpleITK order ((z,)y,x)."""
+
+    array: np.ndarray
+    spacing_mm: tuple[float, ...]
+    origin_mm: tuple[float, ...]
+    direction: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        arr = np.asarray(self.array)
+        if arr.ndim not in (2, 3):
+            raise InputError(f"expected a 2D or 3D scalar image, got an array of shape {arr.shape}")
+        if arr.dtype.type not in SUPPORTED_DTYPES:
+            raise InputError(f"unsupported voxel type {arr.dtype}")
+        dim = arr.ndim
+        spacing = tuple(float(s) for s in self.spacing_mm)
+        origin = tuple(float(o) for o in self.origin_mm)
+        direction = np.eye(dim) if self.direction is None else np.asarray(self.direction, dtype=np.float64)
+        if len(spacing) != dim or len(origin) != dim or direction.shape != (dim, dim):
+            raise InputError(
+                f"geometry does not match a {dim}D image: spacing {spacing}, origin {origin}, "
+                f"direction shape {direction.shape}"
+            )
+        if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+            raise InputError(f"spacing must be positive and finite, got {spacing}")
+        if abs(abs(np.linalg.det(direction)) - 1.0) > 1e-3:
+            raise InputError("direction matrix is not orthonormal")
+        object.__setattr__(self, "array", arr)
+        object.__setattr__(self, "spacing_mm", spacing)
+        object.__setattr__(self, "origin_mm", origin)
+        object.__setattr__(self, "direction", direction.reshape(dim, dim).copy())
+
+    @property
+    def dimension(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return self.array.ndim
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """Grid size in ITK order (x, y, z)."""
+        return tuple(reversed(self.array.shape))
+
+    def with_array(self, array: np.ndarray) -> Image:
+        """Return an image on the same grid with other voxel values."""
+        array = np.asarray(array)
+        if array.shape != self.array.shape:
+            raise ValueError(f"array shape {array.shape} does not match the grid {self.array.shape}")
+        return Image(array, self.spacing_mm, self.origin_mm, self.direction)
+
+    def astype(self, dtype) -> Image:
+        """Return a copy with another voxel type (no rescaling)."""
+        return self.with_array(self.array.astype(dtype))
+
+    def index_to_physical_matrix(self) -> np.ndarray:
+        """Homogeneous matrix mapping (x,y(,z)) continuous indices to LPS millimetres."""
+        dim = self.dimension
+        m = np.eye(dim + 1)
+        m[:dim, :dim] = self.direction @ np.diag(self.spacing_mm)
+        m[:dim, dim] = self.origin_mm
+        return m
+
+    def physical_points(self, indices_xyz: np.ndarray) -> np.ndarray:
+        """Map an (n, dim) array of (x,y,z) indices to LPS points in mm."""
+        m = self.index_to_physical_matrix()
+        dim = self.dimension
+        return np.asarray(indices_xyz, dtype=np.float64) @ m[:dim, :dim].T + m[:dim, dim]
+
+    def same_grid(self, other: Image, tol: float = 1e-4) -> bool:
+        """True when both images share size, spacing, origin and direction."""
+        return (
+            self.array.shape == other.array.shape
+            and np.allclose(self.spacing_mm, other.spacing_mm, atol=tol)
+            and np.allclose(self.origin_mm, other.origin_mm, atol=tol)
+            and np.allclose(self.direction, other.direction, atol=tol)
+        )
+
+
+# --- SimpleITK -------------------------------------------------------------------------------
+
+def to_sitk(image: Image, dtype=None):
+    """Convert to a SimpleITK image (the array is copied)."""
+    import SimpleITK as sitk
+
+    arr = image.array if dtype is None else image.array.astype(dtype)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=False)
+    out.SetSpacing(image.spacing_mm)
+    out.SetOrigin(image.origin_mm)
+    out.SetDirection(tuple(image.direction.ravel()))
+    return out
+
+
+def from_sitk(img) -> Image:
+    """Convert a scalar SimpleITK image."""
+    import SimpleITK as sitk
+
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"expected a scalar image, got {img.GetNumberOfComponentsPerPixel()} components per voxel")
+    dim = img.GetDimension()
+    if dim == 4:
+        raise InputError(f"4D images are not supported (size {img.GetSize()}); extract one volume first")
+    arr = sitk.GetArrayFromImage(img)
+    return Image(arr, img.GetSpacing(), img.GetOrigin(), np.array(img.GetDirection()).reshape(dim, dim))
+
+
+# --- ITK ------------------------------------------------------------------------------------
+
+def to_itk(image: Image):
+    """Convert to an ITK image (array copied, float32 for float types)."""
+    import itk
+
+    arr = image.array
+    if arr.dtype.kind == "f" and arr.dtype != np.float64:
+        arr = arr.astype(np.float32)
+    out = itk.image_from_array(np.ascontiguousarray(arr))
+    out.SetSpacing(image.spacing_mm)
+    out.SetOrigin(image.origin_mm)
+    out.SetDirection(itk.matrix_from_array(np.ascontiguousarray(image.direction)))
+    return out
+
+
+def from_itk(img) -> Image:
+    """Convert an ITK scalar image."""
+    import itk
+
+    arr = np.array(itk.array_view_from_image(img), copy=True)
+    direction = np.array(itk.array_from_matrix(img.GetDirection()), dtype=np.float64)
+    return Image(arr, tuple(img.GetSpacing()), tuple(img.GetOrigin()), direction)
+
+
+# --- ANTs -----------------------------------------------------------------------------------
+
+def to_ants(image: Image, dtype=np.float32):
+    """Convert to an ANTsImage; ANTs arrays are (x,y,z), so the array is transposed, geometry explicit."""
+    import ants
+
+    arr = np.ascontiguousarray(image.array.astype(dtype).T)
+    return ants.from_numpy(
+        arr, origin=list(image.origin_mm), spacing=list(image.spacing_mm), direction=image.direction.copy()
+    )
+
+
+def from_ants(img) -> Image:
+    """Convert an ANTsImage."""
+    arr = np.ascontiguousarray(img.numpy().T)
+    return Image(arr, tuple(img.spacing), tuple(img.origin), np.asarray(img.direction, dtype=np.float64))
+
+
+# --- numpy ----------------------------------------------------------------------------------
+
+def from_numpy(array_zyx, spacing_mm=None, origin_mm=None, direction=None) -> Image:
+    """Wrap an array in SimpleITK order; geometry defaults to 1 mm, origin 0 and identity direction."""
+    array_zyx = np.asarray(array_zyx)
+    dim = array_zyx.ndim
+    return Image(
+        array_zyx,
+        (1.0,) * dim if spacing_mm is None else spacing_mm,
+        (0.0,) * dim if origin_mm is None else origin_mm,
+        np.eye(dim) if direction is None else direction,
+    )
+
+
+# --- files ----------------------------------------------------------------------------------
+
+def read_image(path) -> Image:
+    """Read NIfTI, NRRD, MHA or a DICOM series folder; user errors raise InputError naming the file."""
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: file not found")
+    try:
+        if p.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(p))
+            if not series:
+                raise InputError(f"{p}: folder holds no DICOM series")
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(p), series[0]))
+            img = reader.Execute()
+        else:
+            img = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "ERROR" not in ln and ln.strip()), "")
+        raise InputError(f"{p}: not a readable image ({detail[:120] or 'unknown format'})") from None
+    dim = img.GetDimension()
+    if dim == 4 or (dim == 3 and img.GetNumberOfComponentsPerPixel() > 1):
+        raise InputError(f"{p}: 4D or multi-component images are not supported (size {img.GetSize()})")
+    try:
+        return from_sitk(img)
+    except InputError as exc:
+        raise InputError(f"{p}: {exc}") from None
+
+
+def write_image(image: Image, path, compress: bool = True) -> None:
+    """Write an image atomically: a half-written file never takes the final name."""
+    import SimpleITK as sitk
+
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.partial{os.getpid()}{''.join(p.suffixes)}")
+    try:
+        sitk.WriteImage(to_sitk(image), str(tmp), compress)
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def as_image(obj, name: str = "image") -> Image:
+    """Accept a path, a SimpleITK image, an ANTsImage, an ITK image or an Image."""
+    if isinstance(obj, Image):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        return read_image(obj)
+    mod = type(obj).__module__
+    if mod.startswith("SimpleITK"):
+        return from_sitk(obj)
+    if mod.startswith("ants"):
+        return from_ants(obj)
+    if mod.startswith("itk"):
+        return from_itk(obj)
+    raise InputError(f"{name}: cannot use an object of type {type(obj).__name__} as an image")
+
+
+def resample_to_grid(image: Image, reference: Image, transform=None, interpolator: str = "linear",
+                     default_value: float = 0.0) -> Image:
+    """Resample `image` onto `reference`'s grid through a fixed->moving SimpleITK transform."""
+    import SimpleITK as sitk
+
+    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor,
+              "bspline": sitk.sitkBSpline}[interpolator]
+    tx = transform if transform is not None else sitk.Transform(reference.dimension, sitk.sitkIdentity)
+    src = to_sitk(image, np.float32 if interpolator != "nearest" else None)
+    out = sitk.Resample(src, to_sitk(reference, np.uint8), tx, interp, default_value, src.GetPixelID())
+    return from_sitk(out)
+
+
+def valid_mask_on_grid(moving: Image, reference: Image, transform=None) -> np.ndarray:
+    """Boolean mask of reference voxels whose fixed->moving image falls inside the moving domain."""
+    import SimpleITK as sitk
+
+    ones = moving.with_array(np.ones(moving.array.shape, np.float32))
+    tx = transform if transform is not None else sitk.Transform(reference.dimension, sitk.sitkIdentity)
+    # Linear interpolation of a ones image is < 1 exactly where a sample touches the outside.
+    out = sitk.Resample(to_sitk(ones), to_sitk(reference, np.uint8), tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out) > 0.999

