@@ -1,0 +1,325 @@
+"""MRML glue: Slicer volume and transform nodes to and from the library's LPS types.
+
+Needs only `slicer-core` (MRML and VTK), never the Slicer application, so it runs headless in tests.
+
+Conventions, decided here once:
+- Slicer stores geometry in RAS; `Image` is LPS. `LPS_FROM_RAS` = diag(-1, -1, 1) is its own inverse.
+- A volume node's voxels are a vtkImageData with x fastest, which is exactly SimpleITK's (z, y, x)
+  C-order array, so the voxel buffer is copied without any transposition.
+- Registration transforms map FIXED points to MOVING points (the resampling direction). That is
+  what a Slicer transform node calls "from parent": a node set as the moving volume's parent
+  transform, with TransformFromParent = T, moves the moving volume onto the fixed one
+  (its ToParent is T's inverse, which Slicer derives itself). ITK transform files use the same
+  direction, so reading `transform.tfm|h5` through Slicer's storage node gives the same node.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .image import Image
+
+#: Diagonal flip that maps RAS coordinates to LPS and back.
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+#: Node attribute that marks nodes this library created, so reruns replace only our own outputs.
+OUTPUT_ATTRIBUTE = "AutoRegister.Output"
+#: Node attribute that names the moving volume an output node belongs to.
+OUTPUT_FOR_ATTRIBUTE = "AutoRegister.OutputFor"
+
+
+def _slicer():
+    import slicer
+
+    return slicer
+
+
+def _vtk_matrix(array4x4):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array4x4[r][c]))
+    return m
+
+
+def _numpy_matrix(vtk_matrix) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def flip_ras_lps(matrix4x4: np.ndarray) -> np.ndarray:
+    """Re-express a homogeneous point transform between RAS and LPS (the same flip both ways)."""
+    f = np.eye(4)
+    f[:3, :3] = LPS_FROM_RAS
+    return f @ np.asarray(matrix4x4, dtype=np.float64) @ f
+
+
+# --- volumes ---------------------------------------------------------------------------------
+
+def ijk_to_ras(node, world: bool = False) -> np.ndarray:
+    """4x4 IJK-to-RAS matrix of a volume node; `world` includes a linear parent transform."""
+    import vtk
+
+    local = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(local)
+    matrix = _numpy_matrix(local)
+    parent = node.GetParentTransformNode()
+    if world and parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise InputError(f"volume '{node.GetName()}' sits under a non-linear transform; harden it first")
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        matrix = _numpy_matrix(to_world) @ matrix
+    return matrix
+
+
+def image_from_volume_node(node, world: bool = False) -> Image:
+    """Copy a scalar volume node into an LPS `Image`; `world` applies a linear parent transform."""
+    from vtk.util import numpy_support
+
+    image_data = node.GetImageData() if node is not None else None
+    if image_data is None or image_data.GetPointData().GetScalars() is None:
+        raise InputError(f"volume '{node.GetName() if node else None}' has no voxels")
+    scalars = image_data.GetPointData().GetScalars()
+    if scalars.GetNumberOfComponents() != 1:
+        raise InputError(f"volume '{node.GetName()}' has {scalars.GetNumberOfComponents()} components; "
+                         "only scalar volumes can be registered")
+    nx, ny, nz = image_data.GetDimensions()
+    array = numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx).copy()
+    matrix = ijk_to_ras(node, world=world)
+    if world and node.GetParentTransformNode() is not None:
+        axes = matrix[:3, :3]
+        spacing = np.linalg.norm(axes, axis=0)
+        direction_ras = axes / spacing
+        if not np.allclose(direction_ras.T @ direction_ras, np.eye(3), atol=1e-6):
+            raise InputError(f"volume '{node.GetName()}' sits under a sheared transform; harden it first")
+    else:
+        # The node's own spacing and directions avoid re-normalising columns, so round trips are exact.
+        import vtk
+
+        spacing = np.array(node.GetSpacing(), dtype=np.float64)
+        dirs = vtk.vtkMatrix4x4()
+        node.GetIJKToRASDirectionMatrix(dirs)
+        direction_ras = _numpy_matrix(dirs)[:3, :3]
+    origin_lps = LPS_FROM_RAS @ matrix[:3, 3]
+    return Image(array, tuple(spacing), tuple(origin_lps), LPS_FROM_RAS @ direction_ras)
+
+
+def update_volume_node_from_image(node, image: Image):
+    """Overwrite a volume node's voxels and geometry with an LPS `Image` (3D; 2D gets one slice)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    array, spacing, origin, direction = _as_3d(image)
+    image_data = vtk.vtkImageData()
+    image_data.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True,
+                                         array_type=numpy_support.get_vtk_array_type(array.dtype))
+    scalars.SetName("ImageScalars")
+    image_data.GetPointData().SetScalars(scalars)
+    node.SetSpacing(*spacing)
+    node.SetOrigin(*(LPS_FROM_RAS @ np.asarray(origin)))
+    node.SetIJKToRASDirectionMatrix(_vtk_matrix(_homogeneous(LPS_FROM_RAS @ direction)))
+    node.SetAndObserveImageData(image_data)
+    return node
+
+
+def volume_node_from_image(image: Image, scene, name: str | None = None, node=None):
+    """Create (or refill `node`) a scalar volume node in `scene` holding an LPS `Image`."""
+    slicer = _slicer()
+    if node is None:
+        node = slicer.vtkMRMLScalarVolumeNode()
+        node.SetName(scene.GenerateUniqueName(name or "Volume"))
+        scene.AddNode(node)
+    elif name:
+        node.SetName(name)
+    update_volume_node_from_image(node, image)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _homogeneous(matrix3x3) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = matrix3x3
+    return m
+
+
+def _as_3d(image: Image):
+    if image.dimension == 3:
+        return image.array, image.spacing_mm, image.origin_mm, image.direction
+    direction = np.eye(3)
+    direction[:2, :2] = image.direction
+    return (image.array[np.newaxis], (*image.spacing_mm, 1.0), (*image.origin_mm, 0.0), direction)
+
+
+# --- transforms ------------------------------------------------------------------------------
+
+def _downcast(transform):
+    return transform.Downcast() if hasattr(transform, "Downcast") else transform
+
+
+def linear_matrix_lps(transform) -> np.ndarray:
+    """4x4 LPS matrix of a linear SimpleITK transform (fixed->moving); raises for non-linear ones."""
+    tx = _downcast(transform)
+    if not tx.IsLinear():
+        raise ValueError(f"{tx.GetName()} is not linear")
+    if hasattr(tx, "GetMatrix") and hasattr(tx, "GetCenter"):
+        matrix = np.array(tx.GetMatrix(), dtype=np.float64).reshape(3, 3)
+        centre = np.array(tx.GetCenter(), dtype=np.float64)
+        translation = np.array(tx.GetTranslation(), dtype=np.float64)
+        offset = translation + centre - matrix @ centre
+    else:
+        # Composites of linear transforms and the like: read the affine map off four points.
+        offset = np.array(tx.TransformPoint((0.0, 0.0, 0.0)))
+        matrix = np.column_stack([np.array(tx.TransformPoint(tuple(e))) - offset for e in np.eye(3)])
+    out = np.eye(4)
+    out[:3, :3] = matrix
+    out[:3, 3] = offset
+    return out
+
+
+def displacement_field_lps(transform, reference: Image | None = None):
+    """The SimpleITK displacement field (LPS vectors) that represents a non-linear transform."""
+    import SimpleITK as sitk
+
+    tx = _downcast(transform)
+    if isinstance(tx, sitk.DisplacementFieldTransform):
+        return tx.GetDisplacementField()
+    if reference is None:
+        raise ValueError(f"a reference grid is needed to sample a {tx.GetName()} as a displacement field")
+    from .image import to_sitk
+
+    ref = to_sitk(reference, np.uint8)
+    return sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                             ref.GetSpacing(), ref.GetDirection())
+
+
+def grid_transform_from_field(field):
+    """A vtkOrientedGridTransform in RAS equal to a SimpleITK LPS displacement field transform."""
+    import SimpleITK as sitk
+    from vtk.util import numpy_support
+
+    slicer = _slicer()
+    import vtk
+
+    vectors = sitk.GetArrayFromImage(field).astype(np.float64)  # (z, y, x, 3), LPS
+    if vectors.ndim != 4 or vectors.shape[-1] != 3:
+        raise ValueError(f"expected a 3D displacement field, got array shape {vectors.shape}")
+    vectors = vectors * np.array([-1.0, -1.0, 1.0])  # LPS -> RAS vectors
+    grid = vtk.vtkImageData()
+    nz, ny, nx = vectors.shape[:3]
+    grid.SetDimensions(nx, ny, nz)
+    grid.SetSpacing(*field.GetSpacing())
+    grid.SetOrigin(*(LPS_FROM_RAS @ np.array(field.GetOrigin())))
+    data = numpy_support.numpy_to_vtk(np.ascontiguousarray(vectors.reshape(-1, 3)), deep=True,
+                                      array_type=vtk.VTK_DOUBLE)
+    data.SetNumberOfComponents(3)
+    grid.GetPointData().SetScalars(data)
+    direction_ras = LPS_FROM_RAS @ np.array(field.GetDirection()).reshape(3, 3)
+    out = slicer.vtkOrientedGridTransform()
+    out.SetDisplacementGridData(grid)
+    out.SetGridDirectionMatrix(_vtk_matrix(_homogeneous(direction_ras)))
+    out.SetInterpolationModeToLinear()
+    return out
+
+
+def transform_node_from_transform(transform, scene, name: str | None = None, reference=None, node=None):
+    """Put a fixed->moving SimpleITK transform into a transform node that, as the moving volume's
+    parent, aligns it to the fixed volume: linear -> vtkMRMLLinearTransformNode, else a grid node.
+
+    `reference` (an `Image` or a volume node, usually the fixed one) is the grid on which
+    non-linear transforms other than displacement fields are sampled. An existing `node` is refilled
+    when it has the right class, otherwise removed from the scene and replaced.
+    """
+    slicer = _slicer()
+    linear = _downcast(transform).IsLinear()
+    wanted = "vtkMRMLLinearTransformNode" if linear else "vtkMRMLGridTransformNode"
+    if node is not None and node.GetClassName() != wanted:
+        name = name or node.GetName()
+        scene.RemoveNode(node)
+        node = None
+    if node is None:
+        node = getattr(slicer, wanted)()
+        node.SetName(scene.GenerateUniqueName(name or "Transform"))
+        scene.AddNode(node)
+    elif name:
+        node.SetName(name)
+    if linear:
+        node.SetMatrixTransformFromParent(_vtk_matrix(flip_ras_lps(linear_matrix_lps(transform))))
+    else:
+        if reference is not None and not isinstance(reference, Image):
+            reference = image_from_volume_node(reference, world=True)
+        node.SetAndObserveTransformFromParent(grid_transform_from_field(displacement_field_lps(transform, reference)))
+    return node
+
+
+def transform_node_from_file(path, scene, name: str | None = None):
+    """Read an ITK transform file (.tfm/.txt/.h5, fixed->moving) through Slicer's own storage node."""
+    slicer = _slicer()
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    node = slicer.vtkMRMLTransformNode()
+    node.SetName(scene.GenerateUniqueName(name or path.name.split(".")[0]))
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLTransformStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise InputError(f"{path}: Slicer could not read this transform file")
+    from_parent = node.GetTransformFromParent()
+    if hasattr(from_parent, "SetInterpolationModeToLinear"):
+        # Slicer reads grids as cubic; ITK (and so our warped output) interpolates fields linearly.
+        from_parent.SetInterpolationModeToLinear()
+    return node
+
+
+def transform_node_from_result(result, scene, candidate: str | None = None, reference=None, name=None, node=None):
+    """Transform node of the best candidate of a `RegistrationResult` (or of the named one)."""
+    chosen = result.best if candidate is None else next(
+        (c for c in result.candidates if c.name == candidate), None)
+    if chosen is None:
+        raise InputError(f"no candidate named {candidate!r}" if candidate else "the registration kept no result")
+    transform = getattr(chosen, "transform", None)
+    if transform is None and getattr(chosen, "transform_path", None):
+        import SimpleITK as sitk
+
+        transform = sitk.ReadTransform(str(chosen.transform_path))
+    if transform is None:
+        raise InputError(f"candidate {chosen.name!r} has no transform (status {chosen.status})")
+    return transform_node_from_transform(transform, scene, name=name or f"AutoRegister {chosen.name}",
+                                         reference=reference, node=node)
+
+
+# --- outputs that belong to us ----------------------------------------------------------------
+
+def find_output_node(scene, role: str, moving_node):
+    """The node a previous run made for `moving_node` in this `role` ('transform', 'volume'), if any."""
+    for i in range(scene.GetNumberOfNodes()):
+        candidate = scene.GetNthNode(i)
+        if (candidate.GetAttribute(OUTPUT_ATTRIBUTE) == role
+                and candidate.GetAttribute(OUTPUT_FOR_ATTRIBUTE) == moving_node.GetID()):
+            return candidate
+    return None
+
+
+def mark_output_node(node, role: str, moving_node):
+    """Tag a node as our output for `moving_node`, so the next run replaces it and nothing else."""
+    node.SetAttribute(OUTPUT_ATTRIBUTE, role)
+    node.SetAttribute(OUTPUT_FOR_ATTRIBUTE, moving_node.GetID())
+    return node
+
+
+def is_output_node(node) -> bool:
+    """True for nodes this library created."""
+    return node is not None and node.GetAttribute(OUTPUT_ATTRIBUTE) is not None
+
+
+def transform_point_ras(node, point_ras) -> np.ndarray:
+    """Apply a transform node's FromParent (fixed->moving, RAS) to one point."""
+    return np.array(node.GetTransformFromParent().TransformPoint(tuple(float(v) for v in point_ras)))
