@@ -1,0 +1,239 @@
+"""Presets and per-modality-pair preset tables: JSON data, validated on load.
+
+The catalog (``Resources/Presets/presets.json``) names every preset a backend can run. A table
+(``Resources/Presets/tables/*.json``, a user folder, or ``--table FILE``) says, for one modality pair,
+which presets to race and how to score them. Errors name the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from .backends.base import TRANSFORM_TYPES, Preset
+from .errors import InputError
+
+RESOURCES = Path(__file__).resolve().parent.parent / "Resources" / "Presets"
+CATALOG_PATH = RESOURCES / "presets.json"
+TABLES_DIR = RESOURCES / "tables"
+MODALITIES = ("T1", "T2", "FLAIR", "PD", "CT", "MR")
+TABLE_SCHEMA = "autoregister-table/1"
+CATALOG_SCHEMA = "autoregister-presets/1"
+
+
+def user_tables_dir() -> Path:
+    """Folder for the user's own tables: $AUTOREGISTER_TABLES, else ~/.config/AutoRegister/tables."""
+    env = os.environ.get("AUTOREGISTER_TABLES")
+    return Path(env) if env else Path.home() / ".config" / "AutoRegister" / "tables"
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How candidates are scored; defaults are the evidence-backed design of ../shared/SCORING.md."""
+
+    metric: str = "lncc"  # LNCC² over (valid ∩ head) × head coverage
+    window_voxels: int = 5
+    head_mask: str = "auto"  # "auto" (threshold + largest component) or "none" (whole fixed grid)
+    coverage_weight: bool = True
+    min_coverage: float = 0.5
+    max_folding_fraction: float = 0.01
+    min_jacobian: float = -0.5
+    mi_vote: bool = False
+    tie_tolerance: float = 0.002
+
+    def to_dict(self) -> dict:
+        """Plain-data form for result.json."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Table:
+    """A preset table for one modality pair."""
+
+    name: str
+    fixed_modality: str
+    moving_modality: str
+    presets: tuple[Preset, ...]
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    racing: dict | None = None
+    source: str = ""
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        """Plain-data form for result.json and for writing learned tables."""
+        return {
+            "schema": TABLE_SCHEMA, "name": self.name, "description": self.description,
+            "fixed_modality": self.fixed_modality, "moving_modality": self.moving_modality,
+            "presets": [p.name for p in self.presets], "scoring": self.scoring.to_dict(),
+            "racing": self.racing,
+        }
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: top level must be a JSON object")
+    return data
+
+
+def _require(cond: bool, path, fieldname: str, message: str) -> None:
+    if not cond:
+        raise InputError(f"{Path(path).name}: field '{fieldname}' {message}")
+
+
+def parse_preset(entry, path, where: str) -> Preset:
+    """Validate one preset definition (a catalog entry or an inline table entry)."""
+    _require(isinstance(entry, dict), path, where, "must be an object")
+    for key in ("name", "backend", "transform_type"):
+        _require(isinstance(entry.get(key), str) and entry.get(key), path, f"{where}.{key}",
+                 "is required and must be a non-empty string")
+    _require(entry["transform_type"] in TRANSFORM_TYPES, path, f"{where}.transform_type",
+             f"must be one of {', '.join(TRANSFORM_TYPES)}, got {entry['transform_type']!r}")
+    from .backends import BACKEND_NAMES
+
+    _require(entry["backend"] in BACKEND_NAMES, path, f"{where}.backend",
+             f"must be one of {', '.join(BACKEND_NAMES)}, got {entry['backend']!r}")
+    params = entry.get("params", {})
+    _require(isinstance(params, dict), path, f"{where}.params", "must be an object")
+    return Preset(entry["name"], entry["backend"], entry["transform_type"], dict(params))
+
+
+def load_catalog(path: Path = CATALOG_PATH) -> dict[str, Preset]:
+    """Load the named presets of the catalog, keyed by name."""
+    data = _load_json(path)
+    _require(data.get("schema") == CATALOG_SCHEMA, path, "schema", f"must be {CATALOG_SCHEMA!r}")
+    entries = data.get("presets")
+    _require(isinstance(entries, list) and entries, path, "presets", "must be a non-empty list")
+    catalog: dict[str, Preset] = {}
+    for i, entry in enumerate(entries):
+        preset = parse_preset(entry, path, f"presets[{i}]")
+        _require(preset.name not in catalog, path, f"presets[{i}].name", f"duplicates {preset.name!r}")
+        catalog[preset.name] = preset
+    return catalog
+
+
+def _parse_scoring(raw, path) -> ScoringSettings:
+    if raw is None:
+        return ScoringSettings()
+    _require(isinstance(raw, dict), path, "scoring", "must be an object")
+    known = {f.name: f for f in fields(ScoringSettings)}
+    for key in raw:
+        _require(key in known, path, f"scoring.{key}", f"is unknown (known: {', '.join(known)})")
+    s = replace(ScoringSettings(), **raw)
+    _require(s.metric in ("lncc", "mi"), path, "scoring.metric", f"must be 'lncc' or 'mi', got {s.metric!r}")
+    w = s.window_voxels
+    _require(isinstance(w, int) and not isinstance(w, bool) and w >= 3 and w % 2 == 1, path,
+             "scoring.window_voxels", f"must be an odd integer >= 3, got {w!r}")
+    _require(s.head_mask in ("auto", "none"), path, "scoring.head_mask", "must be 'auto' or 'none'")
+    for name in ("min_coverage", "max_folding_fraction"):
+        v = getattr(s, name)
+        _require(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, path,
+                 f"scoring.{name}", f"must be a number in [0, 1], got {v!r}")
+    for name in ("min_jacobian", "tie_tolerance"):
+        _require(isinstance(getattr(s, name), (int, float)), path, f"scoring.{name}", "must be a number")
+    for name in ("coverage_weight", "mi_vote"):
+        _require(isinstance(getattr(s, name), bool), path, f"scoring.{name}", "must be true or false")
+    return s
+
+
+def _parse_racing(raw, path) -> dict | None:
+    if raw is None:
+        return None
+    _require(isinstance(raw, dict), path, "racing", "must be an object or null")
+    shrink = raw.get("coarse_shrink", 2)
+    keep = raw.get("keep", 2)
+    _require(isinstance(shrink, int) and shrink >= 1, path, "racing.coarse_shrink", "must be an integer >= 1")
+    _require(isinstance(keep, int) and keep >= 1, path, "racing.keep", "must be an integer >= 1")
+    return {"coarse_shrink": shrink, "keep": keep}
+
+
+def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:
+    """Load and validate a preset table from a JSON file."""
+    path = Path(path)
+    data = _load_json(path)
+    catalog = load_catalog() if catalog is None else catalog
+    _require(data.get("schema", TABLE_SCHEMA) == TABLE_SCHEMA, path, "schema", f"must be {TABLE_SCHEMA!r}")
+    for key in ("fixed_modality", "moving_modality"):
+        _require(data.get(key) in MODALITIES, path, key,
+                 f"must be one of {', '.join(MODALITIES)}, got {data.get(key)!r}")
+    entries = data.get("presets")
+    _require(isinstance(entries, list) and entries, path, "presets", "must be a non-empty list")
+    presets = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            _require(entry in catalog, path, f"presets[{i}]",
+                     f"names unknown preset {entry!r} (known: {', '.join(sorted(catalog))})")
+            presets.append(catalog[entry])
+        else:
+            presets.append(parse_preset(entry, path, f"presets[{i}]"))
+    names = [p.name for p in presets]
+    _require(len(set(names)) == len(names), path, "presets", "lists a preset twice")
+    return Table(
+        name=str(data.get("name") or path.stem), fixed_modality=data["fixed_modality"],
+        moving_modality=data["moving_modality"], presets=tuple(presets),
+        scoring=_parse_scoring(data.get("scoring"), path), racing=_parse_racing(data.get("racing"), path),
+        source=str(path), description=str(data.get("description", "")),
+    )
+
+
+def list_tables() -> list[Table]:
+    """Every table: the built-in ones, then the user's (a user table overrides a built-in of the same pair)."""
+    catalog = load_catalog()
+    found: list[Table] = []
+    for folder in (TABLES_DIR, user_tables_dir()):
+        if folder.is_dir():
+            found.extend(load_table(p, catalog) for p in sorted(folder.glob("*.json")))
+    return found
+
+
+def find_table(fixed_modality: str, moving_modality: str) -> Table:
+    """The table for a modality pair: exact match, else same-modality or the generic MR table."""
+    tables = list_tables()
+    by_pair = {(t.fixed_modality, t.moving_modality): t for t in tables}  # later (user) entries win
+    for key in ((fixed_modality, moving_modality),
+                ("MR", "MR") if fixed_modality == moving_modality else ("T1", moving_modality),
+                ("T1", "CT") if moving_modality == "CT" else ("MR", "MR")):
+        if key in by_pair:
+            return by_pair[key]
+    raise InputError(f"no preset table for {moving_modality} -> {fixed_modality} in {TABLES_DIR}")
+
+
+def table_from_presets(names: list[str], base: Table | None = None) -> Table:
+    """A table racing the named catalog presets, with `base`'s scoring (for --presets A,B,...)."""
+    catalog = load_catalog()
+    unknown = [n for n in names if n not in catalog]
+    if unknown:
+        raise InputError(f"unknown preset(s) {', '.join(unknown)} (known: {', '.join(sorted(catalog))})")
+    if not names:
+        raise InputError("--presets needs at least one preset name")
+    return Table(
+        name="custom", fixed_modality=base.fixed_modality if base else "MR",
+        moving_modality=base.moving_modality if base else "MR",
+        presets=tuple(catalog[n] for n in names), scoring=base.scoring if base else ScoringSettings(),
+        racing=None, source="--presets",
+    )
+
+
+def guess_modality(image) -> str:
+    """Guess 'CT' from a Hounsfield range (air near -1000, bone above +300), else 'MR'."""
+    arr = np.asarray(image.array)
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    if finite.size == 0:
+        return "MR"
+    lo, hi = np.percentile(finite, [1, 99.9])
+    if lo < -500 and hi > 300:
+        return "CT"
+    return "MR"
