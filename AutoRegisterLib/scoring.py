@@ -1,0 +1,144 @@
+"""Scoring registration candidates so that the best one wins and gamed ones lose.
+
+The design follows the measurements in ../shared/SCORING.md:
+
+* score = mean LNCC² over (valid moving domain ∩ fixed head mask) × coverage of that head mask.
+  Averaging over the intersection alone rewards a transform that pushes hard regions out of the
+  moving domain; multiplying by coverage of a mask fixed by the *fixed* image removes that incentive
+  (0–1 of 144 overlap-gaming fakes picked, against 66 for plain intersection LNCC²).
+* Folding disqualifies: Jacobian determinant ≤ 0 over more than ``max_folding_fraction`` of the head,
+  or a minimum Jacobian below ``min_jacobian``; coverage below ``min_coverage`` disqualifies too
+  (LNCC² has a floor of about 0.1 for wrong alignments).
+* Global ZNCC and the signed local ZNCC mean are reported, never ranked by: they ranked failed CT runs
+  and flipped alignments first. MI can give a second vote (a Borda count with the score).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .image import Image, to_sitk
+from .presets import ScoringSettings
+
+#: Simpler transforms win ties.
+COMPLEXITY = {"rigid": 0, "affine": 1, "deformable": 2}
+
+
+def head_mask(fixed: Image, modality: str | None = None) -> np.ndarray:
+    """Foreground of the fixed image: threshold (Otsu, or −500 HU for CT), largest component, holes filled."""
+    import SimpleITK as sitk
+
+    arr = np.nan_to_num(np.asarray(fixed.array, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    img = to_sitk(fixed.with_array(arr))
+    if modality == "CT":
+        fg = sitk.BinaryThreshold(img, -500.0, 1e30, 1, 0)
+    else:
+        # Otsu splits dark background from tissue; with foreground = above the threshold.
+        fg = sitk.OtsuThreshold(img, 0, 1, 128)
+    fg = sitk.Cast(fg, sitk.sitkUInt8)
+    if sitk.GetArrayViewFromImage(fg).any():
+        cc = sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True)
+        fg = sitk.Cast(cc == 1, sitk.sitkUInt8)
+        radius = [2] * fixed.dimension
+        fg = sitk.BinaryMorphologicalClosing(fg, radius, sitk.sitkBall, 1)
+        fg = sitk.BinaryFillhole(fg, fullyConnected=False, foregroundValue=1)
+    mask = sitk.GetArrayFromImage(fg).astype(bool)
+    if mask.sum() < 0.01 * mask.size:
+        # A threshold that finds (almost) nothing is no mask at all: judge the whole grid instead.
+        mask = np.ones_like(mask)
+    return mask
+
+
+def _linear_matrix(transform, dim: int) -> np.ndarray:
+    """Jacobian of a linear transform, probed at unit offsets (works for every linear ITK type)."""
+    p0 = np.array(transform.TransformPoint((0.0,) * dim))
+    return np.stack([np.array(transform.TransformPoint(tuple(np.eye(dim)[j]))) - p0 for j in range(dim)], axis=1)
+
+
+def jacobian_determinant(transform, grid: Image, region: np.ndarray | None = None) -> np.ndarray:
+    """Jacobian determinant of a fixed->moving transform at the grid's voxels (inside `region` if given)."""
+    import SimpleITK as sitk
+
+    dim = grid.dimension
+    n = int(region.sum()) if region is not None else grid.array.size
+    if transform is None or transform.IsLinear():
+        det = 1.0 if transform is None else float(np.linalg.det(_linear_matrix(transform, dim)))
+        return np.full(n, det)
+    ref = to_sitk(grid, np.uint8)
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                              ref.GetSpacing(), ref.GetDirection())
+    u = sitk.GetArrayFromImage(field)  # (z,y,x,dim) physical displacement components (x,y,z)
+    spacing_zyx = tuple(reversed(grid.spacing_mm))
+    # du/d(index·spacing) along array axes (z,y,x); reorder columns to ITK index order (x,y,z).
+    grads = np.gradient(u, *spacing_zyx, axis=tuple(range(dim)))
+    du_dk = np.stack(list(reversed(grads)), axis=-1)  # (..., component i, index axis j)
+    if region is not None:
+        du_dk = du_dk[region]
+    else:
+        du_dk = du_dk.reshape(-1, dim, dim)
+    # x = origin + D·diag(s)·k  ⇒  du/dx = du/d(k·s) · Dᵀ
+    jac = np.eye(dim) + du_dk @ grid.direction.T
+    return np.linalg.det(jac)
+
+
+def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.ndarray,
+                    settings: ScoringSettings, transform=None, device: str = "cpu") -> dict:
+    """All measures of one candidate, and why it is disqualified (None when it is not)."""
+    from .similarity import lncc, mutual_information, zncc, zncc_map
+
+    f = np.asarray(fixed.array, dtype=np.float32)
+    m = np.asarray(warped.array, dtype=np.float32)
+    finite = np.isfinite(f) & np.isfinite(m)
+    head = head & np.isfinite(f)
+    region = valid & head & finite
+    head_voxels = int(head.sum())
+    coverage = float(region.sum()) / head_voxels if head_voxels else 0.0
+    out = {"coverage": coverage, "lncc": 0.0, "zncc": 0.0, "zncc_local": 0.0, "mi": 0.0,
+           "folding_fraction": 0.0, "min_jacobian": 1.0, "score": 0.0, "disqualified": None}
+    if region.sum() < 8:
+        out["disqualified"] = f"no overlap with the fixed head (coverage {coverage:.3f})"
+        return out
+    f = np.where(finite, f, 0.0)
+    m = np.where(finite, m, 0.0)
+    import torch
+
+    mask = torch.from_numpy(region.astype(np.float32)).to(device)
+    f, m = torch.from_numpy(f).to(device), torch.from_numpy(m).to(device)
+    w = settings.window_voxels
+    out["lncc"] = float(lncc(f, m, window=w, mask=mask, reduction="mean"))
+    out["zncc_local"] = float(zncc_map(f, m, window=w, mask=mask, reduction="mean"))
+    out["zncc"] = float(zncc(f, m, mask=mask))
+    out["mi"] = float(mutual_information(f.cpu().numpy(), m.cpu().numpy(), mask=region))
+    base = out["lncc"] if settings.metric == "lncc" else out["mi"]
+    out["score"] = base * coverage if settings.coverage_weight else base
+    det = jacobian_determinant(transform, fixed, head) if transform is not None else np.ones(1)
+    out["folding_fraction"] = float((det <= 0).mean()) if det.size else 0.0
+    out["min_jacobian"] = float(det.min()) if det.size else 1.0
+    if out["folding_fraction"] > settings.max_folding_fraction:
+        out["disqualified"] = (f"folds {100 * out['folding_fraction']:.1f}% of the head "
+                               f"(limit {100 * settings.max_folding_fraction:.1f}%)")
+    elif out["min_jacobian"] < settings.min_jacobian:
+        out["disqualified"] = f"minimum Jacobian {out['min_jacobian']:.2f} is below {settings.min_jacobian}"
+    elif coverage < settings.min_coverage:
+        out["disqualified"] = f"covers {100 * coverage:.0f}% of the head (minimum {100 * settings.min_coverage:.0f}%)"
+    return out
+
+
+def choose_best(entries: list[dict], settings: ScoringSettings) -> int | None:
+    """Index of the winner among scored entries (dicts with score, mi, coverage, transform_type).
+
+    With ``mi_vote`` the ranking is a Borda count of the score and coverage-weighted MI, the score
+    breaking ties. Entries within ``tie_tolerance`` of the top score go to the simplest transform.
+    """
+    if not entries:
+        return None
+    scores = np.array([e["score"] for e in entries], dtype=np.float64)
+    if settings.mi_vote and len(entries) > 1:
+        mi = np.array([e["mi"] * (e["coverage"] if settings.coverage_weight else 1.0) for e in entries])
+        borda = np.argsort(np.argsort(scores)) + np.argsort(np.argsort(mi))
+        top = int(borda.max())
+        contenders = [i for i in range(len(entries)) if borda[i] == top]
+        return max(contenders, key=lambda i: scores[i])
+    best = scores.max()
+    contenders = [i for i in range(len(entries)) if scores[i] >= best - settings.tie_tolerance]
+    return min(contenders, key=lambda i: (COMPLEXITY.get(entries[i]["transform_type"], 3), -scores[i]))

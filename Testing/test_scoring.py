@@ -1,0 +1,129 @@
+"""The scorer ranks true alignment first, resists overlap gaming, and disqualifies folding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AutoRegisterLib.backends.base import warp_with
+from AutoRegisterLib.image import Image, to_sitk
+from AutoRegisterLib.presets import ScoringSettings
+from AutoRegisterLib.scoring import choose_best, head_mask, jacobian_determinant, score_candidate
+
+SETTINGS = ScoringSettings()
+
+
+def test_head_mask_covers_the_head_and_not_the_background(icbm4):
+    t1 = icbm4["t1"]
+    mask = head_mask(t1, "T1")
+    assert 0.25 < mask.mean() < 0.8
+    assert not mask[0, 0, 0] and not mask[-1, -1, -1]
+    centre = tuple(n // 2 for n in mask.shape)
+    assert mask[centre]
+    # The skull-stripped brain lies inside the head mask.
+    from AutoRegisterLib.data import load_icbm
+
+    brain = load_icbm("brainmask", 4.0).array > 0
+    assert (mask & brain).sum() >= 0.99 * brain.sum()
+
+
+def test_true_alignment_scores_above_the_misaligned_start(rigid_case4, icbm4):
+    case = rigid_case4
+    head = head_mask(case.fixed, "T1")
+    identity = sitk.Transform(3, sitk.sitkIdentity)
+    truth = case.truth.GetInverse()
+    scores = {}
+    for name, tx in (("start", identity), ("truth", truth)):
+        out = warp_with(tx, case.fixed, case.moving)
+        scores[name] = score_candidate(case.fixed, out.warped, out.valid_mask, head, SETTINGS, tx)
+    assert scores["truth"]["score"] > 1.3 * scores["start"]["score"]
+    assert 0.0 <= scores["start"]["lncc"] <= 1.0 and 0.0 <= scores["truth"]["lncc"] <= 1.0
+    assert scores["truth"]["disqualified"] is None
+    assert scores["truth"]["folding_fraction"] == 0.0
+
+
+def test_shrinking_the_overlap_to_the_best_matching_voxels_cannot_raise_the_score(rigid_case4):
+    """The overlap-gaming attack: drop the worst-matching 30% of the head from the valid domain."""
+    from AutoRegisterLib.similarity import lncc
+
+    case = rigid_case4
+    head = head_mask(case.fixed, "T1")
+    truth = case.truth.GetInverse()
+    out = warp_with(truth, case.fixed, case.moving)
+    honest = score_candidate(case.fixed, out.warped, out.valid_mask, head, SETTINGS, truth)
+    local = lncc(case.fixed.array, out.warped.array, window=5, mask=(out.valid_mask & head).astype(np.float32),
+                 reduction="none").numpy()
+    cut = np.quantile(local[head], 0.3)
+    gamed_valid = out.valid_mask & (local > cut)
+    gamed = score_candidate(case.fixed, out.warped, gamed_valid, head, SETTINGS, truth)
+    plain = ScoringSettings(coverage_weight=False, min_coverage=0.0)
+    gamed_plain = score_candidate(case.fixed, out.warped, gamed_valid, head, plain, truth)
+    honest_plain = score_candidate(case.fixed, out.warped, out.valid_mask, head, plain, truth)
+    assert gamed_plain["score"] > honest_plain["score"]  # intersection-only LNCC is fooled ...
+    assert gamed["score"] < honest["score"]  # ... coverage weighting is not
+    assert gamed["coverage"] < 0.75
+
+
+def test_low_coverage_disqualifies(rigid_case4):
+    case = rigid_case4
+    head = head_mask(case.fixed, "T1")
+    out = warp_with(case.truth.GetInverse(), case.fixed, case.moving)
+    valid = out.valid_mask.copy()
+    valid[: valid.shape[0] * 2 // 3] = False
+    result = score_candidate(case.fixed, out.warped, valid, head, SETTINGS, None)
+    assert result["coverage"] < 0.5
+    assert "covers" in result["disqualified"]
+
+
+def _oblique_grid(shape=(20, 22, 24)):
+    from scipy.spatial.transform import Rotation
+
+    direction = Rotation.from_euler("xyz", [20, -10, 35], degrees=True).as_matrix()
+    return Image(np.zeros(shape, np.float32), (1.5, 2.0, 1.0), (-10.0, 5.0, 3.0), direction)
+
+
+def _field_transform(transform, grid: Image):
+    ref = to_sitk(grid, np.uint8)
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                              ref.GetSpacing(), ref.GetDirection())
+    return sitk.DisplacementFieldTransform(field)
+
+
+def test_jacobian_of_a_dense_field_matches_its_affine_on_an_oblique_grid():
+    grid = _oblique_grid()
+    affine = sitk.AffineTransform(3)
+    matrix = np.array([[1.1, 0.1, 0.0], [0.05, 0.9, 0.2], [0.0, -0.1, 1.2]])
+    affine.SetMatrix(tuple(matrix.ravel()))
+    affine.SetTranslation((3.0, -2.0, 1.0))
+    det = jacobian_determinant(_field_transform(affine, grid), grid)
+    assert np.allclose(det, np.linalg.det(matrix), atol=1e-6)
+    assert np.allclose(jacobian_determinant(affine, grid), np.linalg.det(matrix))
+
+
+def test_a_folding_field_is_disqualified():
+    grid = _oblique_grid()
+    flip = sitk.AffineTransform(3)
+    flip.SetMatrix((-0.5, 0, 0, 0, 1, 0, 0, 0, 1))  # det < 0 everywhere: the field folds space
+    tx = _field_transform(flip, grid)
+    det = jacobian_determinant(tx, grid)
+    assert (det < 0).all()
+    arr = np.random.default_rng(1).uniform(1, 2, grid.array.shape).astype(np.float32)
+    img = grid.with_array(arr)
+    head = np.ones(arr.shape, bool)
+    result = score_candidate(img, img, head, head, SETTINGS, tx)
+    assert result["folding_fraction"] == pytest.approx(1.0)
+    assert "folds" in result["disqualified"]
+
+
+def test_ties_go_to_the_simpler_transform_and_mi_votes_when_asked():
+    entries = [
+        {"score": 0.5010, "mi": 0.9, "coverage": 1.0, "transform_type": "deformable"},
+        {"score": 0.5000, "mi": 0.8, "coverage": 1.0, "transform_type": "rigid"},
+        {"score": 0.4000, "mi": 1.0, "coverage": 1.0, "transform_type": "affine"},
+    ]
+    assert choose_best(entries, SETTINGS) == 1
+    assert choose_best(entries, ScoringSettings(tie_tolerance=0.0)) == 0
+    # Borda: deformable ranks 2 (score) + 1 (mi) = 3, affine 0 + 2 = 2, rigid 1 + 0 = 1.
+    assert choose_best(entries, ScoringSettings(mi_vote=True)) == 0
+    assert choose_best([], SETTINGS) is None
