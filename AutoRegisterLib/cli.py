@@ -1,0 +1,146 @@
+"""Command line: ``autoregister FIXED MOVING --out DIR`` (also ``python -m AutoRegisterLib``).
+
+Exit codes: 0 a result was kept; 2 bad input or usage (one line on stderr, no traceback);
+3 no preset succeeded; 130 cancelled with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+from .errors import Cancelled, InputError
+
+EXIT_OK, EXIT_USAGE, EXIT_NO_RESULT, EXIT_CANCELLED = 0, 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line with exit code 2."""
+
+    def error(self, message):
+        """Print one line and exit 2."""
+        self.exit(EXIT_USAGE, f"autoregister: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the register command."""
+    p = _Parser(prog="autoregister", description="One-click registration of MOVING onto FIXED.")
+    p.add_argument("fixed", help="fixed (reference) image: NIfTI, NRRD, MHA or a DICOM folder")
+    p.add_argument("moving", help="moving image, registered onto the fixed image")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--fixed-modality", help="T1, T2, FLAIR, PD, CT or MR (guessed when omitted)")
+    p.add_argument("--moving-modality", help="T1, T2, FLAIR, PD, CT or MR (guessed when omitted)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--table", help="preset table JSON file")
+    group.add_argument("--presets", help="comma-separated preset names to race instead of a table")
+    p.add_argument("--keep-all", action="store_true", help="write every successful candidate's transform")
+    p.add_argument("--jobs", type=int, help="parallel workers (default: one per core)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per preset (default 600)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device for scoring")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    p.add_argument("--progress-json", action="store_true",
+                   help="write progress events as JSON lines on stdout (for the Slicer module)")
+    return p
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, redrawn as events arrive and every half second."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        """Draw onto `stream`."""
+        self.stream, self.width = stream, width
+        self.fraction, self.running, self.start = 0.0, set(), time.perf_counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, event: dict) -> None:
+        """Take one progress event."""
+        with self.lock:
+            if event["event"] == "start":
+                self.running.add(event["candidate"])
+            elif event["event"] == "finish":
+                self.running.discard(event["candidate"])
+                self.fraction = event["fraction"]
+            self.draw()
+
+    def draw(self) -> None:
+        """Redraw the bar."""
+        filled = int(self.width * self.fraction)
+        names = ", ".join(sorted(self.running))[:50]
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {100 * self.fraction:3.0f}% "
+                          f"{time.perf_counter() - self.start:5.0f}s {names:<50}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line."""
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _json_progress(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def register_main(argv) -> int:
+    """Run the register command; return the exit code."""
+    args = build_parser().parse_args(argv)
+    from .image import read_image
+    from .report import check_output_dir, format_table
+
+    try:
+        if args.jobs is not None and args.jobs < 1:
+            raise InputError(f"--jobs must be at least 1, got {args.jobs}")
+        if args.timeout <= 0:
+            raise InputError(f"--timeout must be positive, got {args.timeout}")
+        check_output_dir(args.out)
+        fixed = read_image(args.fixed)
+        moving = read_image(args.moving)
+        from .pipeline import auto_register
+
+        bar = None
+        if args.progress_json:
+            progress = _json_progress
+        elif not args.quiet:
+            progress = bar = ProgressBar()
+        else:
+            progress = None
+        try:
+            result = auto_register(
+                fixed, moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
+                table=args.table, presets=args.presets, jobs=args.jobs, timeout_s=args.timeout,
+                device=args.device, keep_all=args.keep_all, out_dir=args.out, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        result.inputs.update(fixed=args.fixed, moving=args.moving)
+    except InputError as exc:
+        return _finish(args, EXIT_USAGE, f"autoregister: error: {exc}")
+    except (Cancelled, KeyboardInterrupt):
+        return _finish(args, EXIT_CANCELLED, "autoregister: cancelled; nothing was written")
+    if not args.quiet and not args.progress_json:
+        print(format_table(result))
+        print(f"outputs in {args.out}")
+    if result.best is None:
+        return _finish(args, EXIT_NO_RESULT, "autoregister: no preset succeeded; see result.json for the reasons")
+    return _finish(args, EXIT_OK, None)
+
+
+def _finish(args, code: int, message: str | None) -> int:
+    if message:
+        print(message, file=sys.stderr)
+    if getattr(args, "progress_json", False):
+        _json_progress({"event": "done", "exit_code": code, "message": message})
+    return code
+
+
+def main(argv=None) -> int:
+    """Entry point of the `autoregister` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return register_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

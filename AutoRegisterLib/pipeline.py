@@ -1,0 +1,365 @@
+"""One-click registration: race presets in parallel worker processes, score each result, keep the best.
+
+Data flows one way: the user's images → `Image` → a temp folder → one worker process per preset →
+candidate transforms → warp + score here, as each finishes → the winner → outputs and report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends.base import Preset, warp_with
+from .errors import Cancelled, InputError
+from .image import Image, as_image, write_image
+from .presets import MODALITIES, ScoringSettings, Table, find_table, guess_modality, load_table, table_from_presets
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+#: Rough relative cost of each transform type; longest jobs start first so the slowest preset sets the wall time.
+EXPECTED_COST = {"rigid": 1.0, "affine": 1.5, "deformable": 6.0}
+
+
+@dataclass
+class Candidate:
+    """One preset's outcome: status, timings, every measure, and its transform when it succeeded."""
+
+    name: str
+    backend: str
+    transform_type: str
+    status: str = "pending"  # ok | failed | timeout | unavailable | disqualified | cancelled
+    score: float | None = None
+    lncc: float | None = None
+    zncc: float | None = None
+    zncc_local: float | None = None
+    mi: float | None = None
+    coverage: float | None = None
+    folding_fraction: float | None = None
+    min_jacobian: float | None = None
+    seconds: float | None = None
+    score_seconds: float | None = None
+    error: str | None = None
+    transform: object = field(default=None, repr=False)
+    warped: Image | None = field(default=None, repr=False)
+    transform_path: str | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON form written to result.json."""
+        keys = ("name", "backend", "transform_type", "status", "score", "lncc", "zncc", "zncc_local", "mi",
+                "coverage", "folding_fraction", "min_jacobian", "seconds", "score_seconds", "error")
+        d = {k: getattr(self, k) for k in keys}
+        d["transform"] = self.transform_path
+        return d
+
+
+@dataclass
+class RegistrationResult:
+    """Every candidate, the winner (or None), and the settings that produced them."""
+
+    candidates: list[Candidate]
+    best: Candidate | None
+    fixed: Image
+    moving: Image
+    fixed_modality: str
+    moving_modality: str
+    table: Table
+    wall_seconds: float = 0.0
+    inputs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The JSON form written to result.json."""
+        from . import __version__
+
+        versions = {"autoregister": __version__, "python": sys.version.split()[0]}
+        for mod in ("numpy", "SimpleITK", "torch", "ants", "itk"):
+            m = sys.modules.get(mod)
+            if m is not None:
+                versions[mod] = getattr(m, "__version__", None) or getattr(m, "Version", lambda: None)()
+        return {
+            "best": self.best.name if self.best else None,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "inputs": self.inputs,
+            "fixed_modality": self.fixed_modality,
+            "moving_modality": self.moving_modality,
+            "table": {"name": self.table.name, "source": self.table.source,
+                      "presets": [p.name for p in self.table.presets]},
+            "scoring": self.table.scoring.to_dict(),
+            "wall_seconds": self.wall_seconds,
+            "versions": versions,
+        }
+
+
+def _is_cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a worker and everything it started (it leads its own session)."""
+    if proc.poll() is not None:
+        return
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+@dataclass
+class _Job:
+    preset: Preset
+    folder: Path
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+
+
+def prepare_input(image: Image, name: str) -> Image:
+    """Float32 copy with NaN/Inf replaced by the lowest finite value (inputs themselves are never touched)."""
+    arr = np.array(image.array, dtype=np.float32, copy=True)
+    bad = ~np.isfinite(arr)
+    if bad.all():
+        raise InputError(f"{name}: every voxel is NaN or infinite")
+    if bad.any():
+        arr[bad] = np.min(arr[~bad])
+    return image.with_array(arr)
+
+
+class Runner:
+    """Runs presets in parallel worker processes with timeouts, progress and cancel."""
+
+    def __init__(self, jobs: int, threads_per_job: int, timeout_s: float | None, progress=None, cancel=None):
+        """`progress(event_dict)` is called from this thread; `cancel` is an Event or a callable."""
+        self.jobs = max(1, int(jobs))
+        self.threads_per_job = max(1, int(threads_per_job))
+        self.timeout_s = timeout_s
+        self.progress = progress or (lambda event: None)
+        self.cancel = cancel
+
+    def _start(self, job: _Job, fixed_path: Path, moving_path: Path) -> None:
+        job.folder.mkdir(parents=True, exist_ok=True)
+        spec = {"preset": job.preset.to_dict(), "fixed": str(fixed_path), "moving": str(moving_path),
+                "out": str(job.folder), "threads": self.threads_per_job}
+        spec_path = job.folder / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+        env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.threads_per_job)
+        log = open(job.folder / "worker.log", "wb")
+        try:
+            job.proc = subprocess.Popen(
+                [sys.executable, "-m", "AutoRegisterLib.worker", str(spec_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=(os.name == "posix"), cwd=str(job.folder),
+            )
+        finally:
+            log.close()
+        job.started = time.perf_counter()
+
+    def run(self, presets: list[Preset], fixed_path: Path, moving_path: Path, workdir: Path, on_done) -> None:
+        """Run every preset; `on_done(preset, status_dict, folder)` is called as each one ends."""
+        order = sorted(presets, key=lambda p: -EXPECTED_COST.get(p.transform_type, 1.0))
+        pending = [_Job(p, workdir / f"{i:02d}-{p.name}") for i, p in enumerate(order)]
+        running: list[_Job] = []
+        total, finished = len(pending), 0
+        try:
+            while pending or running:
+                if _is_cancelled(self.cancel):
+                    raise Cancelled("registration cancelled")
+                while pending and len(running) < self.jobs:
+                    job = pending.pop(0)
+                    self._start(job, fixed_path, moving_path)
+                    running.append(job)
+                    self.progress({"event": "start", "candidate": job.preset.name, "fraction": finished / total})
+                for job in list(running):
+                    elapsed = time.perf_counter() - job.started
+                    code = job.proc.poll()
+                    if code is None and self.timeout_s is not None and elapsed > self.timeout_s:
+                        _kill_tree(job.proc)
+                        status = {"status": "timeout", "seconds": elapsed,
+                                  "error": f"timed out after {self.timeout_s:g} s"}
+                    elif code is None:
+                        continue
+                    else:
+                        status = _read_status(job.folder, code, elapsed)
+                    running.remove(job)
+                    finished += 1
+                    on_done(job.preset, status, job.folder)
+                    self.progress({"event": "finish", "candidate": job.preset.name, "status": status["status"],
+                                   "fraction": finished / total})
+                time.sleep(0.05)
+        except BaseException:
+            for job in running:
+                _kill_tree(job.proc)
+            raise
+
+
+def _read_status(folder: Path, exit_code: int, elapsed: float) -> dict:
+    status_file = folder / "status.json"
+    if status_file.exists():
+        try:
+            return json.loads(status_file.read_text())
+        except json.JSONDecodeError:
+            pass
+    if exit_code < 0:
+        try:
+            reason = f"worker killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            reason = f"worker killed by signal {-exit_code}"
+    else:
+        reason = f"worker exited with code {exit_code}"
+    log = folder / "worker.log"
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+    if any("MemoryError" in t or "bad_alloc" in t for t in tail):
+        reason += " (out of memory)"
+    return {"status": "failed", "seconds": elapsed, "error": reason + (f": {tail[0][:200]}" if tail else "")}
+
+
+def resolve_table(fixed: Image, moving: Image, fixed_modality, moving_modality, table, presets):
+    """Pick modalities (given or guessed) and the table (given, by name list, or by modality pair)."""
+    fixed_modality = (fixed_modality or guess_modality(fixed)).upper()
+    moving_modality = (moving_modality or guess_modality(moving)).upper()
+    for label, value in (("fixed modality", fixed_modality), ("moving modality", moving_modality)):
+        if value not in MODALITIES:
+            raise InputError(f"{label} must be one of {', '.join(MODALITIES)}, got {value!r}")
+    if isinstance(table, Table):
+        chosen = table
+    elif table is not None:
+        chosen = load_table(table)
+    else:
+        chosen = find_table(fixed_modality, moving_modality)
+    if presets:
+        names = presets.split(",") if isinstance(presets, str) else list(presets)
+        chosen = table_from_presets([n.strip() for n in names if n.strip()], base=chosen)
+    return fixed_modality, moving_modality, chosen
+
+
+def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_modality: str | None = None,
+                  table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
+                  device: str = "auto", keep_all: bool = False, out_dir=None, progress=None,
+                  cancel=None, threads_per_job: int | None = None) -> RegistrationResult:
+    """Run every preset of the table for this modality pair, score each, and return all with the best.
+
+    `fixed`/`moving` are paths, SimpleITK/ITK/ANTs images or `Image`s. `table` is a `Table` or a JSON
+    path; `presets` a list (or comma-separated names) overriding the table's. `progress` receives
+    event dicts; `cancel` is a threading.Event or a callable. With `out_dir`, the outputs are written
+    there atomically (see `report.write_outputs`).
+    """
+    from .scoring import choose_best, head_mask, score_candidate
+
+    wall_start = time.perf_counter()
+    fixed_img = as_image(fixed, "fixed")
+    moving_img = as_image(moving, "moving")
+    if fixed_img.dimension != moving_img.dimension:
+        raise InputError(f"fixed is {fixed_img.dimension}D but moving is {moving_img.dimension}D")
+    fixed_modality, moving_modality, chosen = resolve_table(
+        fixed_img, moving_img, fixed_modality, moving_modality, table, presets)
+    settings: ScoringSettings = chosen.scoring
+    ncores = os.cpu_count() or 1
+    jobs = max(1, min(int(jobs or ncores), len(chosen.presets)))
+    threads_per_job = threads_per_job or max(1, ncores // jobs)
+    progress_cb = progress or (lambda event: None)
+
+    fixed_f = prepare_input(fixed_img, "fixed")
+    moving_f = prepare_input(moving_img, "moving")
+    head = head_mask(fixed_f, fixed_modality)
+    device_name = _pick_device(device)
+
+    candidates = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in chosen.presets}
+    from .backends import get_backend
+
+    runnable = []
+    for p in chosen.presets:
+        ok, reason = get_backend(p.backend).availability()
+        if ok:
+            runnable.append(p)
+        else:
+            candidates[p.name].status, candidates[p.name].error = "unavailable", reason
+
+    import SimpleITK as sitk
+
+    def on_done(preset: Preset, status: dict, folder: Path) -> None:
+        cand = candidates[preset.name]
+        cand.seconds = status.get("seconds")
+        cand.status = status["status"]
+        cand.error = status.get("error")
+        if cand.status != "ok":
+            return
+        t0 = time.perf_counter()
+        try:
+            cand.transform = sitk.ReadTransform(str(folder / status["transform"]))
+            out = warp_with(cand.transform, fixed_f, moving_f)
+            measures = score_candidate(fixed_f, out.warped, out.valid_mask, head, settings, cand.transform,
+                                       device=device_name)
+        except Exception as exc:  # scoring one candidate must not end the others
+            cand.status, cand.error = "failed", f"scoring failed: {type(exc).__name__}: {exc}"[:500]
+            return
+        cand.warped = out.warped
+        for key in ("score", "lncc", "zncc", "zncc_local", "mi", "coverage", "folding_fraction", "min_jacobian"):
+            setattr(cand, key, measures[key])
+        if measures["disqualified"]:
+            cand.status, cand.error = "disqualified", measures["disqualified"]
+        cand.score_seconds = time.perf_counter() - t0
+        progress_cb({"event": "score", "candidate": cand.name, "status": cand.status, "score": cand.score})
+
+    tmp = Path(tempfile.mkdtemp(prefix="autoregister-"))
+    try:
+        fixed_path, moving_path = tmp / "fixed.mha", tmp / "moving.mha"
+        write_image(fixed_f, fixed_path, compress=False)
+        write_image(moving_f, moving_path, compress=False)
+        runner = Runner(jobs, threads_per_job, timeout_s, progress_cb, cancel)
+        try:
+            runner.run(runnable, fixed_path, moving_path, tmp, on_done)
+        except KeyboardInterrupt:
+            raise Cancelled("registration interrupted") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    ordered = [candidates[p.name] for p in chosen.presets]
+    valid = [c for c in ordered if c.status == "ok"]
+    pick = choose_best([{"score": c.score, "mi": c.mi, "coverage": c.coverage,
+                         "transform_type": c.transform_type} for c in valid], settings)
+    result = RegistrationResult(
+        candidates=ordered, best=valid[pick] if pick is not None else None, fixed=fixed_f, moving=moving_f,
+        fixed_modality=fixed_modality, moving_modality=moving_modality, table=chosen,
+        inputs={"fixed": str(fixed) if isinstance(fixed, (str, os.PathLike)) else type(fixed).__name__,
+                "moving": str(moving) if isinstance(moving, (str, os.PathLike)) else type(moving).__name__,
+                "device": device_name, "jobs": jobs, "threads_per_job": threads_per_job},
+    )
+    result.wall_seconds = time.perf_counter() - wall_start
+    if out_dir is not None:
+        from .report import write_outputs
+
+        write_outputs(result, out_dir, keep_all=keep_all)
+    return result
+
+
+def _pick_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if device == "cuda" and not has_cuda:
+        raise InputError("device 'cuda' was requested but no CUDA device is available")
+    return "cuda" if has_cuda else "cpu"
+

@@ -1,0 +1,153 @@
+"""Outputs of a run: the winner's transform and warped image, result.json, report.png, a text table.
+
+The output folder is built under a temporary name beside its destination and renamed into place, so
+it is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .image import write_image
+
+RESULT_MARKER = "result.json"
+
+
+def check_output_dir(out_dir) -> Path:
+    """Fail early, with one line, when `out_dir` cannot receive our outputs."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / RESULT_MARKER).exists():
+        raise InputError(f"{out}: folder is not empty and holds no earlier AutoRegister result; choose another --out")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"{parent}: output parent folder does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{parent}: output folder is not writable")
+    return out
+
+
+def write_outputs(result, out_dir, keep_all: bool = False) -> Path:
+    """Write transform, warped.nii.gz, report.png and result.json into `out_dir`, atomically."""
+    from .worker import write_transform
+
+    out = check_output_dir(out_dir)
+    parent = out.resolve().parent
+    staging = parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        if result.best is not None:
+            result.best.transform_path = write_transform(result.best.transform, staging).name
+            write_image(result.best.warped, staging / "warped.nii.gz")
+        if keep_all:
+            (staging / "candidates").mkdir()
+            for cand in result.candidates:
+                if cand.transform is not None:
+                    path = write_transform(cand.transform, staging / "candidates", stem=cand.name)
+                    if cand is not result.best:
+                        cand.transform_path = str(path.relative_to(staging))
+        write_report_png(result, staging / "report.png")
+        (staging / RESULT_MARKER).write_text(json.dumps(result.to_dict(), indent=2, default=_json_default))
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return str(obj)
+
+
+def _middle_slice(arr: np.ndarray) -> np.ndarray:
+    return arr if arr.ndim == 2 else arr[arr.shape[0] // 2]
+
+
+def _normalise(arr: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(arr, [1, 99]) if arr.size else (0.0, 1.0)
+    return np.clip((arr - lo) / (hi - lo + 1e-12), 0, 1)
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """Alternate square tiles of two 2D images of the same shape."""
+    yy, xx = np.indices(a.shape)
+    step = max(1, min(a.shape) // tiles)
+    return np.where(((yy // step) + (xx // step)) % 2 == 0, a, b)
+
+
+def write_report_png(result, path) -> None:
+    """Fixed against each candidate (checkerboard of the middle axial slice) and the score bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [c for c in result.candidates if c.warped is not None]
+    ncols = max(1, min(4, len(shown)))
+    nrows = 1 + (len(shown) + ncols - 1) // ncols if shown else 1
+    fig = plt.figure(figsize=(4 * ncols, 3.6 * nrows))
+    fixed = _normalise(_middle_slice(result.fixed.array))
+    for i, cand in enumerate(shown):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.imshow(checkerboard(fixed, _normalise(_middle_slice(cand.warped.array))), cmap="gray",
+                  origin="lower")
+        mark = " ★" if cand is result.best else ""
+        ax.set_title(f"{cand.name}{mark}\nscore {cand.score:.3f} ({cand.status})", fontsize=9)
+        ax.axis("off")
+    ax = fig.add_subplot(nrows, 1, nrows)
+    names = [c.name for c in result.candidates]
+    scores = [c.score or 0.0 for c in result.candidates]
+    colours = ["tab:green" if c is result.best else "tab:blue" if c.status == "ok" else "tab:gray"
+               for c in result.candidates]
+    ax.barh(names, scores, color=colours)
+    for y, c in enumerate(result.candidates):
+        ax.text(scores[y], y, f" {c.status}", va="center", fontsize=8)
+    ax.set_xlabel("score = LNCC² × head coverage")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def format_table(result, extra: dict[str, dict] | None = None) -> str:
+    """The candidate table as text; `extra` adds columns per candidate name (e.g. true error)."""
+    extra = extra or {}
+    extra_keys = sorted({k for cols in extra.values() for k in cols})
+    header = f"{'preset':<18}{'status':<13}{'score':>7}{'lncc':>7}{'cover':>7}{'fold%':>7}{'sec':>7}"
+    header += "".join(f"{k:>10}" for k in extra_keys)
+    lines = [header, "-" * len(header)]
+
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    for c in result.candidates:
+        mark = "*" if c is result.best else " "
+        fold = 100 * c.folding_fraction if c.folding_fraction is not None else None
+        line = (f"{mark}{c.name:<17}{c.status:<13}{num(c.score, '7.4f')}{num(c.lncc, '7.3f')}"
+                f"{num(c.coverage, '7.3f')}{num(fold, '7.2f')}{num(c.seconds, '7.1f')}")
+        line += "".join(f"{num(extra.get(c.name, {}).get(k), '10.3f')}" for k in extra_keys)
+        lines.append(line)
+        if c.error and c.status != "ok":
+            lines.append(f"    {c.error[:150]}")
+    lines.append(f"best: {result.best.name if result.best else 'none'}   wall time {result.wall_seconds:.1f} s")
+    return "\n".join(lines)

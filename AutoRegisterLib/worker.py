@@ -1,0 +1,86 @@
+"""A worker process runs exactly one preset: ``python -m AutoRegisterLib.worker SPEC.json``.
+
+Running each preset in its own process lets a crash, a hang or an out-of-memory kill take down only
+that preset, and lets Cancel kill the whole tree. The worker writes its transform and a status file
+into its own folder; the parent reads them. A missing status file means the worker died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def transform_filename(transform) -> str:
+    """`transform.tfm` for a linear transform, `transform.h5` for anything holding a field."""
+    return "transform.tfm" if transform.IsLinear() else "transform.h5"
+
+
+def write_transform(transform, folder: Path, stem: str = "transform") -> Path:
+    """Write a SimpleITK transform atomically into `folder`; return its path."""
+    import SimpleITK as sitk
+
+    name = transform_filename(transform).replace("transform", stem, 1)
+    final = Path(folder) / name
+    tmp = final.with_name(f".{final.stem}.partial{final.suffix}")
+    sitk.WriteTransform(transform, str(tmp))
+    os.replace(tmp, final)
+    return final
+
+
+def _write_status(out: Path, status: dict) -> None:
+    tmp = out / ".status.json.partial"
+    tmp.write_text(json.dumps(status))
+    os.replace(tmp, out / "status.json")
+
+
+def run_spec(spec: dict) -> dict:
+    """Run the preset a spec describes and write its outputs; return the status written."""
+    out = Path(spec["out"])
+    start = time.perf_counter()
+    try:
+        from .backends import get_backend
+        from .backends.base import Preset
+        from .image import read_image
+
+        preset = Preset.from_dict(spec["preset"])
+        backend = get_backend(preset.backend)
+        backend.check_available()
+        fixed = read_image(spec["fixed"])
+        moving = read_image(spec["moving"])
+        workdir = out / "work"
+        workdir.mkdir(exist_ok=True)
+        transform = backend.estimate(preset, fixed, moving, workdir, int(spec.get("threads", 1)))
+        path = write_transform(transform, out)
+        status = {"status": "ok", "transform": path.name}
+    except Exception as exc:  # a failed preset must report, never take the others down
+        from .errors import BackendUnavailable
+
+        kind = "unavailable" if isinstance(exc, BackendUnavailable) else "failed"
+        message = str(exc).strip().splitlines()
+        status = {"status": kind, "error": f"{type(exc).__name__}: {message[0] if message else ''}"[:500],
+                  "traceback": traceback.format_exc()[-4000:]}
+    status["seconds"] = time.perf_counter() - start
+    _write_status(out, status)
+    return status
+
+
+def main(argv=None) -> int:
+    """Entry point of a worker process."""
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    threads = str(int(spec.get("threads", 1)))
+    # Must be set before ITK/ANTs load: they read it once at start-up.
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = threads
+    run_spec(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The runner races presets in worker processes; failures, timeouts, kills and cancel stay contained."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from AutoRegisterLib.data import point_error_mm
+from AutoRegisterLib.errors import Cancelled
+from AutoRegisterLib.pipeline import auto_register
+from AutoRegisterLib.presets import TABLES_DIR
+from AutoRegisterLib.scoring import head_mask
+
+BROKEN = {"name": "broken", "backend": "sitk", "transform_type": "rigid", "params": {"iterations": "many"}}
+# SyN with thousands of iterations per level runs for minutes at any size: a reliable hang.
+SLOW = {"name": "slow-syn", "backend": "ants", "transform_type": "deformable",
+        "params": {"type_of_transform": "SyN", "reg_iterations": [5000, 5000, 5000]}}
+
+
+def _table(tmp_path: Path, presets, name="t.json") -> Path:
+    table = json.loads((TABLES_DIR / "T2_to_T1.json").read_text())
+    table["presets"] = presets
+    path = tmp_path / name
+    path.write_text(json.dumps(table))
+    return path
+
+
+def _our_temp_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("autoregister-*")}
+
+
+def test_race_keeps_an_accurate_result_and_reports_every_measure(rigid_case4):
+    case = rigid_case4
+    events = []
+    result = auto_register(case.fixed, case.moving, fixed_modality="T1", moving_modality="T2",
+                           presets=["sitk-rigid", "ants-rigid", "ants-affine"], progress=events.append)
+    assert result.best is not None
+    head = head_mask(case.fixed, "T1")
+    assert point_error_mm(case, result.best.transform, head) < 1.5  # 4 mm voxels, 8 mm / 8 degree start
+    for c in result.candidates:
+        assert c.status == "ok", c.error
+        assert 0 < c.score <= 1 and 0 < c.coverage <= 1 and c.seconds > 0
+        assert c.folding_fraction == 0.0
+    assert {e["candidate"] for e in events if e["event"] == "finish"} == {"sitk-rigid", "ants-rigid", "ants-affine"}
+    fractions = [e["fraction"] for e in events if e["event"] == "finish"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    json.dumps(result.to_dict())
+
+
+def test_failing_and_timed_out_presets_do_not_stop_the_others(rigid_case4, tmp_path):
+    case = rigid_case4
+    before = _our_temp_dirs()
+    table = _table(tmp_path, ["sitk-rigid", BROKEN, SLOW])
+    t0 = time.perf_counter()
+    result = auto_register(case.fixed, case.moving, table=table, timeout_s=8, jobs=2)
+    by_name = {c.name: c for c in result.candidates}
+    assert by_name["broken"].status == "failed" and "iterations" in by_name["broken"].error
+    assert by_name["slow-syn"].status == "timeout" and "timed out after 8 s" in by_name["slow-syn"].error
+    assert by_name["sitk-rigid"].status == "ok"
+    assert result.best.name == "sitk-rigid"
+    assert time.perf_counter() - t0 < 60
+    assert not psutil.Process().children(recursive=True)
+    assert _our_temp_dirs() == before
+
+
+def test_a_killed_worker_is_reported_and_the_others_finish(rigid_case4, tmp_path):
+    case = rigid_case4
+    table = _table(tmp_path, ["sitk-rigid", SLOW])
+
+    def kill_victim(event):
+        if event["event"] == "start" and event["candidate"] == "slow-syn":
+            def later():
+                time.sleep(1.0)
+                for child in psutil.Process().children(recursive=True):
+                    if any("slow-syn" in part for part in child.cmdline()):
+                        child.kill()
+            threading.Thread(target=later, daemon=True).start()
+
+    result = auto_register(case.fixed, case.moving, table=table, timeout_s=60, jobs=2, progress=kill_victim)
+    by_name = {c.name: c for c in result.candidates}
+    assert by_name["slow-syn"].status == "failed"
+    assert "SIGKILL" in by_name["slow-syn"].error
+    assert by_name["sitk-rigid"].status == "ok"
+
+
+def test_cancel_kills_every_worker_and_leaves_no_temporary_files(rigid_case4, tmp_path):
+    case = rigid_case4
+    before = _our_temp_dirs()
+    cancel = threading.Event()
+    table = _table(tmp_path, [SLOW, dict(SLOW, name="slow-2")])
+    threading.Timer(2.0, cancel.set).start()
+    t0 = time.perf_counter()
+    with pytest.raises(Cancelled):
+        auto_register(case.fixed, case.moving, table=table, timeout_s=120, jobs=2, cancel=cancel)
+    assert time.perf_counter() - t0 < 10
+    assert not psutil.Process().children(recursive=True)
+    assert _our_temp_dirs() == before
+
+
+def test_unavailable_backend_is_reported_and_does_not_run(rigid_case4, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("AUTOREGISTER_BRAINSFIT", raising=False)
+    case = rigid_case4
+    result = auto_register(case.fixed, case.moving, presets=["brainsfit-rigid", "sitk-rigid"])
+    by_name = {c.name: c for c in result.candidates}
+    assert by_name["brainsfit-rigid"].status == "unavailable"
+    assert "BRAINSFit" in by_name["brainsfit-rigid"].error
+    assert result.best.name == "sitk-rigid"
+
+
+def test_inputs_are_never_modified(rigid_case4):
+    case = rigid_case4
+    fixed_before, moving_before = case.fixed.array.copy(), case.moving.array.copy()
+    auto_register(case.fixed, case.moving, presets=["sitk-rigid"])
+    assert np.array_equal(case.fixed.array, fixed_before) and np.array_equal(case.moving.array, moving_before)
