@@ -8,13 +8,14 @@ backends.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailable
-from ..image import Image, resample_to_grid, valid_mask_on_grid
+from ..errors import BackendUnavailable, InputError
+from ..image import Image, resample_to_grid, to_sitk, valid_mask_on_grid
 
 TRANSFORM_TYPES = ("rigid", "affine", "deformable")
 
@@ -88,3 +89,107 @@ def warp_with(transform, fixed: Image, moving: Image) -> RegistrationOutput:
     warped = resample_to_grid(moving, fixed, transform, "linear", 0.0)
     mask = valid_mask_on_grid(moving, fixed, transform)
     return RegistrationOutput(transform, warped, mask)
+
+
+# --- helpers shared by the backend modules ---------------------------------------------------
+
+def check_params(preset: Preset, defaults: dict, choices: dict | None = None) -> dict:
+    """Merge a preset's params over `defaults`; unknown fields, wrong types or values raise InputError naming the field."""
+    choices = choices or {}
+    if preset.transform_type not in TRANSFORM_TYPES:
+        raise InputError(f"preset {preset.name!r}: transform_type must be one of {TRANSFORM_TYPES}, "
+                         f"got {preset.transform_type!r}")
+    if not isinstance(preset.params, dict):
+        raise InputError(f"preset {preset.name!r}: params must be an object")
+    merged = dict(defaults)
+    for key, value in preset.params.items():
+        where = f"preset {preset.name!r}: params.{key}"
+        if key not in defaults:
+            raise InputError(f"{where} is not a {preset.backend} parameter (known: {', '.join(sorted(defaults))})")
+        default = defaults[key]
+        if not _same_kind(value, default):
+            raise InputError(f"{where} must be {_kind_name(default)}, got {value!r}")
+        if key in choices and value not in choices[key]:
+            raise InputError(f"{where} must be one of {list(choices[key])}, got {value!r}")
+        merged[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return merged
+
+
+def _same_kind(value, default) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or not value:
+            return False
+        return all(_same_kind(v, default[0]) for v in value) if default else True
+    return isinstance(value, type(default))
+
+
+def _kind_name(default) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, (list, tuple)):
+        return f"a non-empty list of {_kind_name(default[0]) if default else 'values'}"
+    return {int: "an integer", float: "a number", str: "a string"}.get(type(default), type(default).__name__)
+
+
+def same_length(preset: Preset, params: dict, *keys: str) -> None:
+    """Raise InputError when per-level lists (iterations, shrink factors, ...) differ in length."""
+    lengths = {k: len(params[k]) for k in keys}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"params.{k} has {n}" for k, n in lengths.items())
+        raise InputError(f"preset {preset.name!r}: one entry per resolution level is needed ({detail})")
+
+
+def set_threads(threads: int) -> int:
+    """Limit ITK (all copies: SimpleITK, itk, ANTs) to `threads` threads for the work that follows."""
+    import SimpleITK as sitk
+
+    threads = max(1, int(threads))
+    # ITK copies bundled in antspyx and itk read the variable when their thread pool starts.
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    return threads
+
+
+def as_affine(transform):
+    """Express any linear SimpleITK transform (Euler, Versor, Similarity, Affine) as an AffineTransform."""
+    import SimpleITK as sitk
+
+    dim = transform.GetDimension()
+    generic = sitk.Transform(transform)
+    matrix = np.array(transform.GetMatrix()).reshape(dim, dim) if hasattr(transform, "GetMatrix") else None
+    if matrix is None:
+        # Recover the matrix from images of the unit vectors: works for any linear transform.
+        origin = np.array(generic.TransformPoint((0.0,) * dim))
+        matrix = np.stack([np.array(generic.TransformPoint(tuple(e))) - origin for e in np.eye(dim)], axis=1)
+    center = transform.GetCenter() if hasattr(transform, "GetCenter") else (0.0,) * dim
+    center = np.asarray(center, dtype=np.float64)
+    # T(x) = A (x - c) + c + t  =>  t = T(c) - c
+    translation = np.array(generic.TransformPoint(tuple(center))) - center
+    return sitk.AffineTransform(tuple(matrix.ravel()), tuple(translation), tuple(center))
+
+
+def dense_field(transform, fixed: Image):
+    """Sample any fixed->moving transform on the fixed grid as one DisplacementFieldTransform."""
+    import SimpleITK as sitk
+
+    ref = to_sitk(fixed, np.uint8)
+    disp = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                              ref.GetSpacing(), ref.GetDirection())
+    return sitk.DisplacementFieldTransform(disp)
+
+
+def field_transform_from_image(field_image):
+    """Wrap a displacement-field image (any vector pixel type, LPS vectors) as a DisplacementFieldTransform."""
+    import SimpleITK as sitk
+
+    return sitk.DisplacementFieldTransform(sitk.Cast(field_image, sitk.sitkVectorFloat64))
