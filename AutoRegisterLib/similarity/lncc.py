@@ -1,0 +1,239 @@
+"""Local normalized cross-correlation (LNCC) and its signed form, the local ZNCC map.
+
+For every voxel, with the sums S taken over the window around it and N the number of voxels the window
+counts,
+
+    cross = S(F·M) − S(F)·S(M)/N,   varF = S(F²) − S(F)²/N,   varM = S(M²) − S(M)²/N
+    cc    = cross² / (varF · varM)  ∈ [0, 1],      zncc = cross / sqrt(varF · varM)  ∈ [−1, 1].
+
+Numerics (why the naive formula fails, and what we do instead):
+
+* varF is a small difference of two large sums. In float32, on CT values (−1024..3071) or on images with
+  a large offset, it loses every significant digit and cc comes out at 40 or NaN. Both NCCs are
+  invariant to a global affine change of intensity, so each image is first centred and scaled by its
+  own mean and standard deviation (over the mask), and every box sum is accumulated in float64.
+  Integer inputs are converted exactly (to float32 up to 16 bits, float64 above), so nothing overflows.
+* A window whose local variance is below ``FLAT_VARIANCE`` times the image's global variance is *flat*:
+  its correlation is undefined, and it gets cc = 0 (and zncc = 0) by definition, with zero gradient.
+  The threshold is relative, so it means the same on CT in HU and on MR in arbitrary units.
+* Rounding can push cross² a hair above varF·varM; values are clipped to the range, and the gradient
+  passes through the clip unchanged.
+
+Boundaries: ``"valid"`` (default) clips windows to the image and counts only in-image voxels, as ANTs
+does; with a mask, N = box(mask), so only voxels inside the mask count. ``"zeros"`` reproduces
+VoxelMorph's NCC exactly: raw values, zero padding, N = w^d everywhere and 1e-5 added to varF·varM.
+
+References: Avants et al., "A reproducible evaluation of ANTs similarity metric performance in brain
+image registration", NeuroImage 2011; Balakrishnan et al., "VoxelMorph", IEEE TMI 2019; FastLNCC
+(one grouped convolution for the five box sums).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._inputs import BOUNDARIES, REDUCTIONS, Layout, check_choice, radii, reduce_map, to_batch
+from .box import TORCH_ENGINES, box_filter, window_counts
+
+#: Local variance (per voxel, relative to the image's global variance) below which a window is flat.
+FLAT_VARIANCE = 1e-6
+#: VoxelMorph's stabiliser, added to varF·varM in ``boundary="zeros"``.
+ZEROS_EPS = 1e-5
+
+ENGINES = ("auto",) + TORCH_ENGINES + ("fused_cpu", "cupy")
+
+
+def standardize(x: torch.Tensor, mask: torch.Tensor | None):
+    """Centre and scale each (B, ...) slice by its mean and std over the mask, in float64.
+
+    The statistics are detached: both NCCs are invariant to them, so their gradient contribution is
+    exactly zero.
+    """
+    x64 = x.to(torch.float64)
+    dims = tuple(range(1, x.ndim))
+    with torch.no_grad():
+        if mask is None:
+            mean = x64.mean(dims, keepdim=True)
+            var = (x64 - mean).square().mean(dims, keepdim=True)
+        else:
+            w = mask.to(torch.float64)
+            count = w.sum(dims, keepdim=True).clamp(min=1)
+            mean = (x64 * w).sum(dims, keepdim=True) / count
+            var = ((x64 - mean) * w).square().sum(dims, keepdim=True) / count
+        scale = var.sqrt()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (x64 - mean) / scale, mean, scale
+
+
+def local_moments(f: torch.Tensor, m: torch.Tensor, mask, rad, boundary: str, engine: str):
+    """cross, varF, varM, N and the "has a value" mask, all float64, from five (or six) box sums."""
+    spatial = tuple(f.shape[1:])
+    if boundary == "zeros":
+        f64, m64 = f.to(torch.float64), m.to(torch.float64)
+        n = torch.full((), float(math.prod(2 * r + 1 for r in rad)), dtype=torch.float64, device=f.device)
+    else:
+        f64, _, _ = standardize(f, mask)
+        m64, _, _ = standardize(m, mask)
+        n = window_counts(spatial, rad, f.device)
+        if mask is not None:
+            w = mask.to(torch.float64)
+            f64, m64 = f64 * w, m64 * w
+    quantities = [f64, m64, f64 * f64, m64 * m64, f64 * m64]
+    if boundary == "valid" and mask is not None:
+        quantities.append(mask.to(torch.float64))
+    sums = box_filter(torch.stack(quantities, dim=1), rad, engine)
+    s_f, s_m, s_ff, s_mm, s_fm = sums.unbind(1)[:5]
+    if boundary == "valid" and mask is not None:
+        n = sums[:, 5].round()
+    n_safe = torch.where(n > 0, n, torch.ones_like(n))
+    cross = s_fm - s_f * s_m / n_safe
+    var_f = s_ff - s_f * s_f / n_safe
+    var_m = s_mm - s_m * s_m / n_safe
+    inside = mask if mask is not None else None
+    return cross, var_f, var_m, n, inside
+
+
+def _clip_passing_gradient(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Clip the value into [lo, hi] while letting the gradient of the unclipped formula through."""
+    return x + (x.clamp(lo, hi) - x).detach()
+
+
+def _maps_torch(f, m, mask, rad, boundary, engine, signed: bool) -> torch.Tensor:
+    """The cc (or signed zncc) map, (B, *spatial), through the torch box engines and autograd."""
+    cross, var_f, var_m, n, inside = local_moments(f, m, mask, rad, boundary, engine)
+    if boundary == "zeros":
+        den = var_f * var_m + ZEROS_EPS
+        ok = den > 0
+    else:
+        threshold = FLAT_VARIANCE * n
+        ok = (var_f > threshold) & (var_m > threshold)
+        den = var_f * var_m
+    if inside is not None:
+        ok = ok & inside
+    den = torch.where(ok, den, torch.ones_like(den))
+    if signed:
+        value = torch.where(ok, cross / den.sqrt(), torch.zeros_like(cross))
+        return _clip_passing_gradient(value, -1.0, 1.0)
+    value = torch.where(ok, cross * cross / den, torch.zeros_like(cross))
+    return _clip_passing_gradient(value, 0.0, 1.0)
+
+
+def resolve_engine(engine: str, device: torch.device, spatial_ndim: int) -> str:
+    """The engine to run: the caller's choice if it can run here, else the fastest correct one."""
+    check_choice(engine, ENGINES, "engine")
+    if engine == "auto":
+        if device.type == "cuda":
+            from . import _fused_cuda
+
+            return "cupy" if _fused_cuda.available()[0] else "fft"
+        from . import _fused_cpu
+
+        return "fused_cpu" if _fused_cpu.available()[0] else "running_sum"
+    if engine == "fused_cpu":
+        from . import _fused_cpu
+
+        ok, why = _fused_cpu.available()
+        if not ok:
+            raise RuntimeError(f"engine 'fused_cpu' cannot run: {why}")
+        if device.type != "cpu":
+            raise RuntimeError(f"engine 'fused_cpu' runs on CPU tensors, got device {device}")
+    if engine == "cupy":
+        from . import _fused_cuda
+
+        ok, why = _fused_cuda.available()
+        if not ok:
+            raise RuntimeError(f"engine 'cupy' cannot run: {why}")
+        if device.type != "cuda":
+            raise RuntimeError(f"engine 'cupy' runs on CUDA tensors, got device {device}")
+    return engine
+
+
+def _map(fixed, moving, window, mask, boundary, engine, signed):
+    """Shared front half of lncc and zncc_map: validate, batch, dispatch; returns (map, mask, layout)."""
+    check_choice(boundary, BOUNDARIES, "boundary")
+    f, m, mk, layout = to_batch(fixed, moving, mask)
+    rad = radii(window, layout.spatial_ndim)
+    chosen = resolve_engine(engine, f.device, layout.spatial_ndim)
+    if chosen == "fused_cpu":
+        from ._fused_cpu import fused_map
+
+        return fused_map(f, m, mk, rad, boundary, signed), mk, layout
+    if chosen == "cupy":
+        from ._fused_cuda import fused_map
+
+        return fused_map(f, m, mk, rad, boundary, signed), mk, layout
+    return _maps_torch(f, m, mk, rad, boundary, chosen, signed), mk, layout
+
+
+def lncc(fixed, moving, window=9, mask=None, reduction: str = "mean", boundary: str = "valid",
+         engine: str = "auto") -> torch.Tensor:
+    """Squared local normalized cross-correlation cc = cross²/(varF·varM) in [0, 1], reduced or per voxel."""
+    check_choice(reduction, REDUCTIONS, "reduction")
+    check_choice(boundary, BOUNDARIES, "boundary")
+    check_choice(engine, ENGINES, "engine")
+    if reduction != "none":
+        fused = _fused_reduction(fixed, moving, window, mask, reduction, boundary, engine)
+        if fused is not None:
+            return fused
+    cc, mk, layout = _map(fixed, moving, window, mask, boundary, engine, signed=False)
+    return reduce_map(cc, mk, reduction, layout)
+
+
+def _fused_reduction(fixed, moving, window, mask, reduction, boundary, engine):
+    """Mean/sum straight from the fused CPU kernel (no map is written), or None if another engine runs."""
+    f, m, mk, layout = to_batch(fixed, moving, mask)
+    if resolve_engine(engine, f.device, layout.spatial_ndim) != "fused_cpu":
+        return None
+    from ._fused_cpu import fused_reduction
+
+    rad = radii(window, layout.spatial_ndim)
+    return fused_reduction(f, m, mk, rad, boundary, reduction).to(layout.out_dtype)
+
+
+def zncc_map(fixed, moving, window=9, mask=None, reduction: str = "none", boundary: str = "valid",
+             engine: str = "auto") -> torch.Tensor:
+    """Signed local ZNCC cross/sqrt(varF·varM) in [−1, 1], per voxel (default) or reduced."""
+    check_choice(reduction, REDUCTIONS, "reduction")
+    z, mk, layout = _map(fixed, moving, window, mask, boundary, engine, signed=True)
+    return reduce_map(z, mk, reduction, layout)
+
+
+class LNCCLoss(nn.Module):
+    """Negative mean squared LNCC, −mean(cc), as a drop-in training loss.
+
+    cc = cross² / (varF · varM) per voxel, where over the window around it
+    cross = S(F·M) − S(F)S(M)/N, varF = S(F²) − S(F)²/N and varM = S(M²) − S(M)²/N.
+    ``boundary="zeros"`` is VoxelMorph's NCC exactly (zero padding, N = w^d, 1e-5 on varF·varM), so
+    ``LNCCLoss(window=9, boundary="zeros")`` replaces ``voxelmorph.losses.NCC().loss``; ``"valid"``
+    clips windows to the image as ANTs does. Flat windows count as cc = 0.
+
+    References: Avants et al., NeuroImage 2011 (ANTs CC); Balakrishnan et al., IEEE TMI 2019
+    (VoxelMorph); MONAI's LocalNormalizedCrossCorrelationLoss for the argument conventions.
+    """
+
+    def __init__(self, window=9, boundary: str = "valid", reduction: str = "mean", engine: str = "auto"):
+        super().__init__()
+        if isinstance(window, bool) or not isinstance(window, (int, tuple, list)):
+            raise TypeError(f"window must be an odd int or a tuple of odd ints, got {window!r}")
+        sizes = (window,) if isinstance(window, int) else tuple(window)
+        if not sizes or any(not isinstance(w, int) or w < 1 or w % 2 == 0 for w in sizes):
+            raise ValueError(f"window must be odd and positive (a centred box), got {window!r}")
+        self.window = window
+        self.boundary = check_choice(boundary, BOUNDARIES, "boundary")
+        self.reduction = check_choice(reduction, REDUCTIONS, "reduction")
+        self.engine = check_choice(engine, ENGINES, "engine")
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask=None) -> torch.Tensor:
+        """−cc between the prediction (the warped moving image) and the target (fixed) image."""
+        return -lncc(target, pred, window=self.window, mask=mask, reduction=self.reduction,
+                     boundary=self.boundary, engine=self.engine)
+
+    def extra_repr(self) -> str:
+        """Show the configuration when the module is printed."""
+        return f"window={self.window}, boundary={self.boundary!r}, reduction={self.reduction!r}"
+
+
+__all__ = ["lncc", "zncc_map", "LNCCLoss", "FLAT_VARIANCE", "ZEROS_EPS", "ENGINES", "Layout"]
