@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def main(argv=None) -> int:
     """Run the demo; return 0 when every acceptance check holds, 1 otherwise."""

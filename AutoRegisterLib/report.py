@@ -138,7 +138,8 @@ def format_table(result, extra: dict[str, dict] | None = None) -> str:
     lines = [header, "-" * len(header)]
 
     def num(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+        width = int(fmt.split(".")[0])
+        return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(width)
 
     for c in result.candidates:
         mark = "*" if c is result.best else " "
