@@ -269,3 +269,13 @@ def valid_mask_on_grid(moving: Image, reference: Image, transform=None) -> np.nd
     # Linear interpolation of a ones image is < 1 exactly where a sample touches the outside.
     out = sitk.Resample(to_sitk(ones), to_sitk(reference, np.uint8), tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out) > 0.999
+
+
+def shrink(image: Image, factor: int) -> Image:
+    """Average `factor`^dim blocks into one voxel (geometry kept consistent); for coarse racing rounds."""
+    import SimpleITK as sitk
+
+    if factor <= 1:
+        return image
+    factors = [min(factor, n) for n in image.size]
+    return from_sitk(sitk.BinShrink(to_sitk(image, np.float32), factors))

@@ -22,7 +22,15 @@ import numpy as np
 from .backends.base import Preset, warp_with
 from .errors import Cancelled, InputError
 from .image import Image, as_image, write_image
-from .presets import MODALITIES, ScoringSettings, Table, find_table, guess_modality, load_table, table_from_presets
+from .presets import (
+    MODALITIES,
+    ScoringSettings,
+    Table,
+    find_table,
+    guess_modality,
+    load_table,
+    table_from_presets,
+)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 #: Rough relative cost of each transform type; longest jobs start first so the slowest preset sets the wall time.
@@ -36,7 +44,7 @@ class Candidate:
     name: str
     backend: str
     transform_type: str
-    status: str = "pending"  # ok | failed | timeout | unavailable | disqualified | cancelled
+    status: str = "pending"  # ok | failed | timeout | unavailable | disqualified | eliminated
     score: float | None = None
     lncc: float | None = None
     zncc: float | None = None
@@ -248,6 +256,65 @@ def resolve_table(fixed: Image, moving: Image, fixed_modality, moving_modality, 
     return fixed_modality, moving_modality, chosen
 
 
+class _Round:
+    """One round of the race: every preset on one pair of images, each result warped and scored here."""
+
+    def __init__(self, fixed: Image, moving: Image, head: np.ndarray, settings: ScoringSettings, device: str,
+                 candidates: dict[str, Candidate], progress):
+        self.fixed, self.moving, self.head = fixed, moving, head
+        self.settings, self.device = settings, device
+        self.candidates, self.progress = candidates, progress
+
+    def run(self, runner: Runner, presets: list[Preset], workdir: Path) -> None:
+        """Run `presets` with `runner` in `workdir`, scoring each as it finishes."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        fixed_path, moving_path = workdir / "fixed.mha", workdir / "moving.mha"
+        write_image(self.fixed, fixed_path, compress=False)
+        write_image(self.moving, moving_path, compress=False)
+        runner.run(presets, fixed_path, moving_path, workdir, self.on_done)
+
+    def on_done(self, preset: Preset, status: dict, folder: Path) -> None:
+        """Record a finished worker and score its result (a scoring failure fails this candidate only)."""
+        import SimpleITK as sitk
+
+        from .scoring import score_candidate
+
+        cand = self.candidates[preset.name]
+        cand.seconds = status.get("seconds")
+        cand.status, cand.error = status["status"], status.get("error")
+        if cand.status != "ok":
+            return
+        t0 = time.perf_counter()
+        try:
+            cand.transform = sitk.ReadTransform(str(folder / status["transform"]))
+            out = warp_with(cand.transform, self.fixed, self.moving)
+            measures = score_candidate(self.fixed, out.warped, out.valid_mask, self.head, self.settings,
+                                       cand.transform, device=self.device)
+        except Exception as exc:  # scoring one candidate must not end the others
+            cand.status, cand.error = "failed", f"scoring failed: {type(exc).__name__}: {exc}"[:500]
+            return
+        cand.warped = out.warped
+        for key in ("score", "lncc", "zncc", "zncc_local", "mi", "coverage", "folding_fraction", "min_jacobian"):
+            setattr(cand, key, measures[key])
+        if measures["disqualified"]:
+            cand.status, cand.error = "disqualified", measures["disqualified"]
+        cand.score_seconds = time.perf_counter() - t0
+        self.progress({"event": "score", "candidate": cand.name, "status": cand.status, "score": cand.score})
+
+
+def _ranked(cands: list[Candidate], settings: ScoringSettings) -> list[Candidate]:
+    """Successful candidates, best first, by the same rule that picks the winner."""
+    from .scoring import choose_best
+
+    remaining = [c for c in cands if c.status == "ok"]
+    ranked = []
+    while remaining:
+        i = choose_best([{"score": c.score, "mi": c.mi, "coverage": c.coverage,
+                          "transform_type": c.transform_type} for c in remaining], settings)
+        ranked.append(remaining.pop(i))
+    return ranked
+
+
 def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_modality: str | None = None,
                   table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
                   device: str = "auto", keep_all: bool = False, out_dir=None, progress=None,
@@ -257,9 +324,12 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     `fixed`/`moving` are paths, SimpleITK/ITK/ANTs images or `Image`s. `table` is a `Table` or a JSON
     path; `presets` a list (or comma-separated names) overriding the table's. `progress` receives
     event dicts; `cancel` is a threading.Event or a callable. With `out_dir`, the outputs are written
-    there atomically (see `report.write_outputs`).
+    there atomically (see `report.write_outputs`). A table with a ``racing`` schedule first runs every
+    preset on images shrunk by ``coarse_shrink`` and continues only the best ``keep`` at full resolution.
     """
-    from .scoring import choose_best, head_mask, score_candidate
+    from .backends import get_backend
+    from .image import shrink
+    from .scoring import head_mask
 
     wall_start = time.perf_counter()
     fixed_img = as_image(fixed, "fixed")
@@ -270,18 +340,12 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         fixed_img, moving_img, fixed_modality, moving_modality, table, presets)
     settings: ScoringSettings = chosen.scoring
     ncores = os.cpu_count() or 1
-    jobs = max(1, min(int(jobs or ncores), len(chosen.presets)))
-    threads_per_job = threads_per_job or max(1, ncores // jobs)
     progress_cb = progress or (lambda event: None)
-
     fixed_f = prepare_input(fixed_img, "fixed")
     moving_f = prepare_input(moving_img, "moving")
-    head = head_mask(fixed_f, fixed_modality)
     device_name = _pick_device(device)
 
     candidates = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in chosen.presets}
-    from .backends import get_backend
-
     runnable = []
     for p in chosen.presets:
         ok, reason = get_backend(p.backend).availability()
@@ -289,56 +353,47 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
             runnable.append(p)
         else:
             candidates[p.name].status, candidates[p.name].error = "unavailable", reason
+    jobs = max(1, min(int(jobs or ncores), max(1, len(runnable))))
 
-    import SimpleITK as sitk
+    def runner_for(n_presets: int) -> Runner:
+        n_jobs = max(1, min(jobs, n_presets))
+        return Runner(n_jobs, threads_per_job or max(1, ncores // n_jobs), timeout_s, progress_cb, cancel)
 
-    def on_done(preset: Preset, status: dict, folder: Path) -> None:
-        cand = candidates[preset.name]
-        cand.seconds = status.get("seconds")
-        cand.status = status["status"]
-        cand.error = status.get("error")
-        if cand.status != "ok":
-            return
-        t0 = time.perf_counter()
-        try:
-            cand.transform = sitk.ReadTransform(str(folder / status["transform"]))
-            out = warp_with(cand.transform, fixed_f, moving_f)
-            measures = score_candidate(fixed_f, out.warped, out.valid_mask, head, settings, cand.transform,
-                                       device=device_name)
-        except Exception as exc:  # scoring one candidate must not end the others
-            cand.status, cand.error = "failed", f"scoring failed: {type(exc).__name__}: {exc}"[:500]
-            return
-        cand.warped = out.warped
-        for key in ("score", "lncc", "zncc", "zncc_local", "mi", "coverage", "folding_fraction", "min_jacobian"):
-            setattr(cand, key, measures[key])
-        if measures["disqualified"]:
-            cand.status, cand.error = "disqualified", measures["disqualified"]
-        cand.score_seconds = time.perf_counter() - t0
-        progress_cb({"event": "score", "candidate": cand.name, "status": cand.status, "score": cand.score})
-
+    racing = chosen.racing if chosen.racing and len(runnable) > chosen.racing["keep"] else None
     tmp = Path(tempfile.mkdtemp(prefix="autoregister-"))
     try:
-        fixed_path, moving_path = tmp / "fixed.mha", tmp / "moving.mha"
-        write_image(fixed_f, fixed_path, compress=False)
-        write_image(moving_f, moving_path, compress=False)
-        runner = Runner(jobs, threads_per_job, timeout_s, progress_cb, cancel)
         try:
-            runner.run(runnable, fixed_path, moving_path, tmp, on_done)
+            if racing:
+                factor = racing["coarse_shrink"]
+                coarse_fixed = shrink(fixed_f, factor)
+                coarse = _Round(coarse_fixed, shrink(moving_f, factor), head_mask(coarse_fixed, fixed_modality),
+                                settings, device_name, candidates, progress_cb)
+                coarse.run(runner_for(len(runnable)), runnable, tmp / "coarse")
+                kept = {c.name for c in _ranked([candidates[p.name] for p in runnable], settings)[: racing["keep"]]}
+                for p in runnable:
+                    cand = candidates[p.name]
+                    if p.name not in kept and cand.status == "ok":
+                        cand.status = "eliminated"
+                        cand.error = f"eliminated in the coarse round (score {cand.score:.4f})"
+                        cand.transform = cand.warped = None
+                runnable = [p for p in runnable if p.name in kept]
+                progress_cb({"event": "round", "round": "full", "candidates": sorted(kept)})
+            full = _Round(fixed_f, moving_f, head_mask(fixed_f, fixed_modality), settings, device_name,
+                          candidates, progress_cb)
+            full.run(runner_for(len(runnable)), runnable, tmp / "full")
         except KeyboardInterrupt:
             raise Cancelled("registration interrupted") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     ordered = [candidates[p.name] for p in chosen.presets]
-    valid = [c for c in ordered if c.status == "ok"]
-    pick = choose_best([{"score": c.score, "mi": c.mi, "coverage": c.coverage,
-                         "transform_type": c.transform_type} for c in valid], settings)
+    ranked = _ranked(ordered, settings)
     result = RegistrationResult(
-        candidates=ordered, best=valid[pick] if pick is not None else None, fixed=fixed_f, moving=moving_f,
+        candidates=ordered, best=ranked[0] if ranked else None, fixed=fixed_f, moving=moving_f,
         fixed_modality=fixed_modality, moving_modality=moving_modality, table=chosen,
         inputs={"fixed": str(fixed) if isinstance(fixed, (str, os.PathLike)) else type(fixed).__name__,
                 "moving": str(moving) if isinstance(moving, (str, os.PathLike)) else type(moving).__name__,
-                "device": device_name, "jobs": jobs, "threads_per_job": threads_per_job},
+                "device": device_name, "jobs": jobs, "racing": racing},
     )
     result.wall_seconds = time.perf_counter() - wall_start
     if out_dir is not None:
