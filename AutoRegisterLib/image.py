@@ -9,6 +9,8 @@ through the functions here, so that axis order and LPS/RAS are decided exactly o
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,20 +196,23 @@ def read_image(path) -> Image:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: file not found")
+    _check_nifti_complete(p)
     try:
-        if p.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(p))
-            if not series:
-                raise InputError(f"{p}: folder holds no DICOM series")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(p), series[0]))
-            img = reader.Execute()
-        else:
-            img = sitk.ReadImage(str(p))
+        with _native_stderr_silenced():  # ITK, MetaIO and GDCM print to fd 2; the user gets one line
+            if p.is_dir():
+                reader = sitk.ImageSeriesReader()
+                series = reader.GetGDCMSeriesIDs(str(p))
+                if not series:
+                    raise InputError(f"{p}: folder holds no DICOM series")
+                reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(p), series[0]))
+                img = reader.Execute()
+            else:
+                img = sitk.ReadImage(str(p))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "ERROR" not in ln and ln.strip()), "")
-        raise InputError(f"{p}: not a readable image ({detail[:120] or 'unknown format'})") from None
+        detail = itk_reason(str(exc))
+        if "Unable to determine ImageIO reader" in detail:
+            detail = "not a format SimpleITK reads: NIfTI, NRRD, MHA, DICOM, ..."
+        raise InputError(f"{p}: not a readable image ({detail[:160] or 'unknown format'})") from None
     dim = img.GetDimension()
     if dim == 4 or (dim == 3 and img.GetNumberOfComponentsPerPixel() > 1):
         raise InputError(f"{p}: 4D or multi-component images are not supported (size {img.GetSize()})")
@@ -215,6 +220,82 @@ def read_image(path) -> Image:
         return from_sitk(img)
     except InputError as exc:
         raise InputError(f"{p}: {exc}") from None
+
+
+def itk_reason(message: str) -> str:
+    """The one informative line of an ITK/SimpleITK exception (not the source-file location line)."""
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    if not lines or not lines[0].startswith("Exception thrown in SimpleITK"):
+        return lines[0] if lines else ""
+    for i, line in enumerate(lines):
+        found = re.match(r"^(?:ITK|sitk::)\s*ERROR:\s*(.*)$", line)
+        if found:
+            reason = re.sub(r"\(0x[0-9a-fA-F]+\)", "", found.group(1))
+            return f"{reason} {lines[-1]}" if reason.endswith(":") and i + 1 < len(lines) else reason
+    return lines[-1]
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """Send what C++ libraries write to file descriptor 2 to /dev/null for the duration."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2 (embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _check_nifti_complete(p: Path) -> None:
+    """Refuse a NIfTI file cut short: SimpleITK reads one without complaint and fills the rest with garbage."""
+    import gzip
+    import struct
+    import zlib
+
+    name = p.name.lower()
+    if p.is_dir() or not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(p, "rb") as fh:
+            header = fh.read(540)
+            if len(header) < 348:
+                return  # too short to be NIfTI; the reader reports it
+            for endian in "<>":
+                sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
+                if sizeof_hdr == 348 and header[344:347] == b"n+1":
+                    dims = struct.unpack(endian + "8h", header[40:56])
+                    bitpix = struct.unpack(endian + "h", header[72:74])[0]
+                    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+                    break
+                if sizeof_hdr == 540 and len(header) == 540 and header[4:7] == b"n+2":
+                    dims = struct.unpack(endian + "8q", header[16:80])
+                    bitpix = struct.unpack(endian + "h", header[14:16])[0]
+                    offset = struct.unpack(endian + "q", header[168:176])[0]
+                    break
+            else:
+                return  # not single-file NIfTI; the reader decides
+            if not 1 <= dims[0] <= 7:
+                return
+            expected = offset + int(np.prod([max(1, d) for d in dims[1:1 + dims[0]]])) * max(bitpix, 8) // 8
+            if name.endswith(".gz"):
+                actual = len(header) + sum(len(chunk) for chunk in iter(lambda: fh.read(1 << 22), b""))
+            else:
+                actual = p.stat().st_size
+    except (EOFError, OSError, struct.error, zlib.error) as exc:
+        raise InputError(f"{p}: file is truncated or corrupt ({exc}); was it copied completely?") from None
+    if actual < expected:
+        raise InputError(f"{p}: file is truncated ({actual} of {expected} bytes); was it copied completely?")
 
 
 def write_image(image: Image, path, compress: bool = True) -> None:
