@@ -59,14 +59,35 @@ def run_spec(spec: dict) -> dict:
         status = {"status": "ok", "transform": path.name}
     except Exception as exc:  # a failed preset must report, never take the others down
         from .errors import BackendUnavailable
+        from .image import itk_reason
 
         kind = "unavailable" if isinstance(exc, BackendUnavailable) else "failed"
-        message = str(exc).strip().splitlines()
-        status = {"status": kind, "error": f"{type(exc).__name__}: {message[0] if message else ''}"[:500],
-                  "traceback": traceback.format_exc()[-4000:]}
+        error = f"{type(exc).__name__}: {itk_reason(str(exc))}"
+        if _out_of_memory(exc):
+            limit = spec.get("memory_limit_mb")
+            error = f"out of memory{f' (limit {limit} MB per worker)' if limit else ''}: {error}"
+        status = {"status": kind, "error": error[:500], "traceback": traceback.format_exc()[-4000:]}
     status["seconds"] = time.perf_counter() - start
     _write_status(out, status)
     return status
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """True for Python's MemoryError and for C++ allocation failures that toolkits rethrow."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or any(
+        marker in text for marker in ("bad_alloc", "MemoryAllocationError", "Failed to allocate memory",
+                                      "failed to map segment", "Cannot allocate memory"))
+
+
+def limit_memory(megabytes) -> None:
+    """Cap this process's address space (posix only): allocations beyond it fail instead of swapping."""
+    if not megabytes:
+        return
+    import resource
+
+    limit = int(megabytes) * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def main(argv=None) -> int:
@@ -78,6 +99,8 @@ def main(argv=None) -> int:
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                 "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = threads
+    if os.name == "posix":
+        limit_memory(spec.get("memory_limit_mb"))
     run_spec(spec)
     return 0
 
