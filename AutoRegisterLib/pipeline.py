@@ -144,24 +144,32 @@ def prepare_input(image: Image, name: str) -> Image:
         raise InputError(f"{name}: every voxel is NaN or infinite")
     if bad.any():
         arr[bad] = np.min(arr[~bad])
+    if arr.min() == arr.max():
+        raise InputError(f"{name}: every voxel is {arr.flat[0]:g}; a constant image holds nothing to register")
     return image.with_array(arr)
 
 
 class Runner:
     """Runs presets in parallel worker processes with timeouts, progress and cancel."""
 
-    def __init__(self, jobs: int, threads_per_job: int, timeout_s: float | None, progress=None, cancel=None):
-        """`progress(event_dict)` is called from this thread; `cancel` is an Event or a callable."""
+    def __init__(self, jobs: int, threads_per_job: int, timeout_s: float | None, progress=None, cancel=None,
+                 memory_limit_mb: int | None = None):
+        """`progress(event_dict)` is called from this thread; `cancel` is an Event or a callable.
+
+        `memory_limit_mb` caps each worker's address space (posix), so a preset that needs more fails
+        with "out of memory" instead of taking the machine down; None means no cap.
+        """
         self.jobs = max(1, int(jobs))
         self.threads_per_job = max(1, int(threads_per_job))
         self.timeout_s = timeout_s
         self.progress = progress or (lambda event: None)
         self.cancel = cancel
+        self.memory_limit_mb = memory_limit_mb
 
     def _start(self, job: _Job, fixed_path: Path, moving_path: Path) -> None:
         job.folder.mkdir(parents=True, exist_ok=True)
         spec = {"preset": job.preset.to_dict(), "fixed": str(fixed_path), "moving": str(moving_path),
-                "out": str(job.folder), "threads": self.threads_per_job}
+                "out": str(job.folder), "threads": self.threads_per_job, "memory_limit_mb": self.memory_limit_mb}
         spec_path = job.folder / "spec.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
@@ -318,7 +326,8 @@ def _ranked(cands: list[Candidate], settings: ScoringSettings) -> list[Candidate
 def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_modality: str | None = None,
                   table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
                   device: str = "auto", keep_all: bool = False, out_dir=None, progress=None,
-                  cancel=None, threads_per_job: int | None = None) -> RegistrationResult:
+                  cancel=None, threads_per_job: int | None = None,
+                  memory_limit_mb: int | None = None) -> RegistrationResult:
     """Run every preset of the table for this modality pair, score each, and return all with the best.
 
     `fixed`/`moving` are paths, SimpleITK/ITK/ANTs images or `Image`s. `table` is a `Table` or a JSON
@@ -326,12 +335,15 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     event dicts; `cancel` is a threading.Event or a callable. With `out_dir`, the outputs are written
     there atomically (see `report.write_outputs`). A table with a ``racing`` schedule first runs every
     preset on images shrunk by ``coarse_shrink`` and continues only the best ``keep`` at full resolution.
+    `memory_limit_mb` caps each worker's address space (posix; ANTs needs about 1500 MB just to load).
     """
     from .backends import get_backend
     from .image import shrink
     from .scoring import head_mask
 
     wall_start = time.perf_counter()
+    if memory_limit_mb is not None and (isinstance(memory_limit_mb, bool) or not int(memory_limit_mb) > 0):
+        raise InputError(f"memory limit must be a positive number of MB, got {memory_limit_mb!r}")
     fixed_img = as_image(fixed, "fixed")
     moving_img = as_image(moving, "moving")
     if fixed_img.dimension != moving_img.dimension:
@@ -357,7 +369,8 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
 
     def runner_for(n_presets: int) -> Runner:
         n_jobs = max(1, min(jobs, n_presets))
-        return Runner(n_jobs, threads_per_job or max(1, ncores // n_jobs), timeout_s, progress_cb, cancel)
+        return Runner(n_jobs, threads_per_job or max(1, ncores // n_jobs), timeout_s, progress_cb, cancel,
+                      memory_limit_mb)
 
     racing = chosen.racing if chosen.racing and len(runnable) > chosen.racing["keep"] else None
     tmp = Path(tempfile.mkdtemp(prefix="autoregister-"))
