@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-all", action="store_true", help="write every successful candidate's transform")
     p.add_argument("--jobs", type=int, help="parallel workers (default: one per core)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per preset (default 600)")
+    p.add_argument("--memory-limit-mb", type=int,
+                   help="cap each preset's worker at this much address space (default: no cap)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device for scoring")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     p.add_argument("--progress-json", action="store_true",
@@ -95,6 +97,8 @@ def register_main(argv) -> int:
             raise InputError(f"--jobs must be at least 1, got {args.jobs}")
         if args.timeout <= 0:
             raise InputError(f"--timeout must be positive, got {args.timeout}")
+        if args.memory_limit_mb is not None and args.memory_limit_mb <= 0:
+            raise InputError(f"--memory-limit-mb must be positive, got {args.memory_limit_mb}")
         check_output_dir(args.out)
         fixed = read_image(args.fixed)
         moving = read_image(args.moving)
@@ -111,7 +115,8 @@ def register_main(argv) -> int:
             result = auto_register(
                 fixed, moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
                 table=args.table, presets=args.presets, jobs=args.jobs, timeout_s=args.timeout,
-                device=args.device, keep_all=args.keep_all, out_dir=args.out, progress=progress)
+                device=args.device, keep_all=args.keep_all, out_dir=args.out, progress=progress,
+                memory_limit_mb=args.memory_limit_mb)
         finally:
             if bar is not None:
                 bar.close()
