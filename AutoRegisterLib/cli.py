@@ -144,6 +144,10 @@ def _finish(args, code: int, message: str | None) -> int:
 def main(argv=None) -> int:
     """Entry point of the `autoregister` command."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tables"]:
+        from .tables import tables_main
+
+        return tables_main(argv[1:])
     return register_main(argv)
 
 
