@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,10 @@ def check_output_dir(out_dir) -> Path:
     parent = out.resolve().parent
     if not parent.is_dir():
         raise InputError(f"{parent}: output parent folder does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{parent}: output folder is not writable")
+    try:  # os.access says yes to root even on read-only mounts: try for real
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as exc:
+        raise InputError(f"{parent}: output folder is not writable ({exc.strerror})") from None
     return out
 
 
@@ -57,6 +60,9 @@ def write_outputs(result, out_dir, keep_all: bool = False) -> Path:
         write_report_png(result, staging / "report.png")
         (staging / RESULT_MARKER).write_text(json.dumps(result.to_dict(), indent=2, default=_json_default))
         _swap_into_place(staging, out)
+    except OSError as exc:  # disk full, folder made read-only during the run: one line, nothing half-written
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InputError(f"{out}: could not write the outputs ({exc.strerror or exc})") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
