@@ -58,6 +58,10 @@ class Backend:
         """Raise BackendUnavailable with the reason when this backend cannot run here."""
         raise NotImplementedError
 
+    def validate(self, preset: Preset) -> dict:
+        """Return the preset's params merged with the backend's defaults; raise InputError naming a bad field."""
+        return dict(preset.params)
+
     def availability(self) -> tuple[bool, str]:
         """(True, "") when usable, else (False, reason)."""
         try:
