@@ -151,54 +151,47 @@ def resolve_engine(engine: str, device: torch.device, spatial_ndim: int) -> str:
     return engine
 
 
-def _map(fixed, moving, window, mask, boundary, engine, signed):
-    """Shared front half of lncc and zncc_map: validate, batch, dispatch; returns (map, mask, layout)."""
-    check_choice(boundary, BOUNDARIES, "boundary")
-    f, m, mk, layout = to_batch(fixed, moving, mask)
-    rad = radii(window, layout.spatial_ndim)
-    chosen = resolve_engine(engine, f.device, layout.spatial_ndim)
+def _compute_map(f, m, mk, rad, boundary, chosen, signed):
+    """The (B, *spatial) map from already batched inputs with the resolved engine."""
     if chosen == "fused_cpu":
         from ._fused_cpu import fused_map
 
-        return fused_map(f, m, mk, rad, boundary, signed), mk, layout
+        return fused_map(f, m, mk, rad, boundary, signed)
     if chosen == "cupy":
         from ._fused_cuda import fused_map
 
-        return fused_map(f, m, mk, rad, boundary, signed), mk, layout
-    return _maps_torch(f, m, mk, rad, boundary, chosen, signed), mk, layout
+        return fused_map(f, m, mk, rad, boundary, signed)
+    return _maps_torch(f, m, mk, rad, boundary, chosen, signed)
+
+
+def _prepare(fixed, moving, window, mask, reduction, boundary, engine):
+    """Validate every argument, batch the inputs and pick the engine."""
+    check_choice(reduction, REDUCTIONS, "reduction")
+    check_choice(boundary, BOUNDARIES, "boundary")
+    check_choice(engine, ENGINES, "engine")
+    f, m, mk, layout = to_batch(fixed, moving, mask)
+    rad = radii(window, layout.spatial_ndim)
+    return f, m, mk, layout, rad, resolve_engine(engine, f.device, layout.spatial_ndim)
 
 
 def lncc(fixed, moving, window=9, mask=None, reduction: str = "mean", boundary: str = "valid",
          engine: str = "auto") -> torch.Tensor:
     """Squared local normalized cross-correlation cc = cross²/(varF·varM) in [0, 1], reduced or per voxel."""
-    check_choice(reduction, REDUCTIONS, "reduction")
-    check_choice(boundary, BOUNDARIES, "boundary")
-    check_choice(engine, ENGINES, "engine")
-    if reduction != "none":
-        fused = _fused_reduction(fixed, moving, window, mask, reduction, boundary, engine)
-        if fused is not None:
-            return fused
-    cc, mk, layout = _map(fixed, moving, window, mask, boundary, engine, signed=False)
+    f, m, mk, layout, rad, chosen = _prepare(fixed, moving, window, mask, reduction, boundary, engine)
+    if chosen == "fused_cpu" and reduction != "none":
+        from ._fused_cpu import fused_reduction
+
+        # The fused kernel reduces on the fly, so no map is ever written.
+        return fused_reduction(f, m, mk, rad, boundary, reduction).to(layout.out_dtype)
+    cc = _compute_map(f, m, mk, rad, boundary, chosen, signed=False)
     return reduce_map(cc, mk, reduction, layout)
-
-
-def _fused_reduction(fixed, moving, window, mask, reduction, boundary, engine):
-    """Mean/sum straight from the fused CPU kernel (no map is written), or None if another engine runs."""
-    f, m, mk, layout = to_batch(fixed, moving, mask)
-    if resolve_engine(engine, f.device, layout.spatial_ndim) != "fused_cpu":
-        return None
-    from ._fused_cpu import fused_reduction
-
-    rad = radii(window, layout.spatial_ndim)
-    return fused_reduction(f, m, mk, rad, boundary, reduction).to(layout.out_dtype)
 
 
 def zncc_map(fixed, moving, window=9, mask=None, reduction: str = "none", boundary: str = "valid",
              engine: str = "auto") -> torch.Tensor:
     """Signed local ZNCC cross/sqrt(varF·varM) in [−1, 1], per voxel (default) or reduced."""
-    check_choice(reduction, REDUCTIONS, "reduction")
-    z, mk, layout = _map(fixed, moving, window, mask, boundary, engine, signed=True)
-    return reduce_map(z, mk, reduction, layout)
+    f, m, mk, layout, rad, chosen = _prepare(fixed, moving, window, mask, reduction, boundary, engine)
+    return reduce_map(_compute_map(f, m, mk, rad, boundary, chosen, signed=True), mk, reduction, layout)
 
 
 class LNCCLoss(nn.Module):

@@ -1,0 +1,333 @@
+"""Numba kernels for the fused CPU LNCC: the whole forward and backward, streamed plane by plane.
+
+Every box sum is a separable clipped running sum accumulated in float64 on centred, scaled values:
+rows along x, then columns along y into a ring of per-plane 2D sums, then a running sum of that
+ring along z. Work is split into (z-chunk, y-tile) items so that each item's rings stay in cache and
+two threads never share a buffer; nothing volume-sized is allocated except what the caller passes in.
+
+Quantity layout of the forward sums: 0 F, 1 M, 2 F², 3 M², 4 F·M, [5 mask].
+Backward, with v the per-voxel value (cc or signed zncc) and A = cross, B = varF, C = varM:
+a = ∂v/∂A, bF = ∂v/∂B, bM = ∂v/∂C, γM = −(a·S_F + 2·bM·S_M)/N, γF = −(a·S_M + 2·bF·S_F)/N, and
+
+    dL/dM_k = w_k · (F_k·box(g·a)_k + 2·M_k·box(g·bM)_k + box(g·γM)_k)     (same for F with F↔M)
+
+because a clipped symmetric box is its own adjoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, inline="always")
+def _count(i, r, n):
+    """Voxels of a window of half-width r around i that lie inside [0, n)."""
+    return min(n - 1, i + r) - max(0, i - r) + 1
+
+
+@njit(cache=True)
+def _box_x_inplace(buf, nq, nrows, width, rx, tmp):
+    """Replace every row of buf[q, :nrows] by its clipped running sum of half-width rx."""
+    if rx == 0:
+        return
+    for q in range(nq):
+        for y in range(nrows):
+            for x in range(width):
+                tmp[x] = buf[q, y, x]
+            s = 0.0
+            for x in range(min(rx, width)):
+                s += tmp[x]
+            for x in range(width):
+                if x + rx < width:
+                    s += tmp[x + rx]
+                buf[q, y, x] = s
+                if x - rx >= 0:
+                    s -= tmp[x - rx]
+
+
+@njit(cache=True)
+def _box_y(src, src_y0, nq, dst, dst_y0, ya, yb, height, ry, width, acc):
+    """dst rows [ya, yb) = clipped column sums of src (whose row 0 is image row src_y0)."""
+    for q in range(nq):
+        for x in range(width):
+            acc[x] = 0.0
+        for yy in range(max(0, ya - ry), min(height - 1, ya + ry) + 1):
+            for x in range(width):
+                acc[x] += src[q, yy - src_y0, x]
+        for y in range(ya, yb):
+            for x in range(width):
+                dst[q, y - dst_y0, x] = acc[x]
+            add = y + 1 + ry
+            sub = y - ry
+            if add <= height - 1:
+                for x in range(width):
+                    acc[x] += src[q, add - src_y0, x]
+            if sub >= 0:
+                for x in range(width):
+                    acc[x] -= src[q, sub - src_y0, x]
+
+
+@njit(cache=True)
+def _load_plane(F, M, mask, weighted, z, ylo, yhi, width, stats, buf):
+    """Write the five (six with a mask) per-voxel quantities of plane z, rows [ylo, yhi), into buf."""
+    f_mean, f_inv, m_mean, m_inv = stats[0], stats[1], stats[2], stats[3]
+    for y in range(ylo, yhi):
+        j = y - ylo
+        for x in range(width):
+            f = (F[z, y, x] - f_mean) * f_inv
+            m = (M[z, y, x] - m_mean) * m_inv
+            if weighted:
+                w = 1.0 if mask[z, y, x] else 0.0
+                f *= w
+                m *= w
+                buf[5, j, x] = w
+            buf[0, j, x] = f
+            buf[1, j, x] = m
+            buf[2, j, x] = f * f
+            buf[3, j, x] = m * m
+            buf[4, j, x] = f * m
+
+
+@njit(cache=True)
+def _add_plane(acc, plane, nq, nrows, width, sign):
+    """acc += sign · plane over the first nrows rows."""
+    for q in range(nq):
+        for y in range(nrows):
+            for x in range(width):
+                acc[q, y, x] += sign * plane[q, y, x]
+
+
+@njit(cache=True, inline="always")
+def _moments(s_f, s_m, s_ff, s_mm, s_fm, n):
+    """cross, varF, varM from window sums (all scaled by N, which cancels in the ratios)."""
+    return s_fm - s_f * s_m / n, s_ff - s_f * s_f / n, s_mm - s_m * s_m / n
+
+
+@njit(parallel=True, cache=True)
+def lncc_forward(F, M, mask, has_mask, radii, stats, zeros_mode, n_const, eps, tau, signed, out, write_out,
+                 items):
+    """Sum of the map over voxels inside the mask; the map itself goes to `out` when write_out."""
+    depth, height, width = F.shape
+    rz, ry, rx = radii[0], radii[1], radii[2]
+    weighted = has_mask and not zeros_mode
+    nq = 6 if weighted else 5
+    wz = 2 * rz + 2
+    partial = np.zeros(items.shape[0])
+    for it in prange(items.shape[0]):
+        z0, z1, y0, y1 = items[it, 0], items[it, 1], items[it, 2], items[it, 3]
+        ylo, yhi = max(0, y0 - ry), min(height, y1 + ry)
+        nyo = y1 - y0
+        buf = np.empty((nq, yhi - ylo, width))
+        tmp = np.empty(width)
+        ring = np.empty((wz, nq, nyo, width))
+        acc = np.zeros((nq, nyo, width))
+        p_next = max(0, z0 - rz)
+        p_rm = p_next
+        total = 0.0
+        for z in range(z0, z1):
+            while p_rm < z - rz:
+                _add_plane(acc, ring[p_rm % wz], nq, nyo, width, -1.0)
+                p_rm += 1
+            while p_next <= min(depth - 1, z + rz):
+                slot = ring[p_next % wz]
+                _load_plane(F, M, mask, weighted, p_next, ylo, yhi, width, stats, buf)
+                _box_x_inplace(buf, nq, yhi - ylo, width, rx, tmp)
+                _box_y(buf, ylo, nq, slot, y0, y0, y1, height, ry, width, tmp)
+                _add_plane(acc, slot, nq, nyo, width, 1.0)
+                p_next += 1
+            cz = _count(z, rz, depth)
+            for y in range(y0, y1):
+                cy = _count(y, ry, height) * cz
+                j = y - y0
+                for x in range(width):
+                    inside = True
+                    if has_mask:
+                        inside = mask[z, y, x] != 0
+                    v = 0.0
+                    if inside:
+                        if zeros_mode:
+                            n = n_const
+                        elif weighted:
+                            n = acc[5, j, x]
+                        else:
+                            n = cy * _count(x, rx, width)
+                        a, b, c = _moments(acc[0, j, x], acc[1, j, x], acc[2, j, x], acc[3, j, x], acc[4, j, x], n)
+                        if zeros_mode:
+                            den = b * c + eps
+                            ok = den > 0
+                        else:
+                            den = b * c
+                            ok = b > tau * n and c > tau * n
+                        if ok:
+                            if signed:
+                                v = min(1.0, max(-1.0, a / math.sqrt(den)))
+                            else:
+                                v = min(1.0, max(0.0, a * a / den))
+                    if write_out:
+                        out[z, y, x] = v
+                    total += v
+        partial[it] = total
+    return partial.sum()
+
+
+@njit(parallel=True, cache=True)
+def lncc_backward(F, M, mask, has_mask, radii, stats, zeros_mode, n_const, eps, tau, signed, g, g_scalar,
+                  g_is_map, need_f, need_m, dF, dM, items):
+    """Gradients of Σ g·v with respect to F and M (raw units), written into dF and dM; returns Σ v.
+
+    The sum of the map comes for free from the window sums the backward needs anyway, so a loss can
+    get its value and its gradient from this one pass.
+    """
+    depth, height, width = F.shape
+    rz, ry, rx = radii[0], radii[1], radii[2]
+    weighted = has_mask and not zeros_mode
+    nq = 6 if weighted else 5
+    # Coefficient slots: 0 a; M uses (1, 2) = (bM, γM); F uses the next two.
+    nq2 = 1 + (2 if need_m else 0) + (2 if need_f else 0)
+    mb = 1
+    fb = 3 if need_m else 1
+    wz = 2 * rz + 2
+    f_mean, f_inv, m_mean, m_inv = stats[0], stats[1], stats[2], stats[3]
+    partial = np.zeros(items.shape[0])
+    for it in prange(items.shape[0]):
+        z0, z1, y0, y1 = items[it, 0], items[it, 1], items[it, 2], items[it, 3]
+        total = 0.0
+        yc0, yc1 = max(0, y0 - ry), min(height, y1 + ry)
+        yi0, yi1 = max(0, yc0 - ry), min(height, yc1 + ry)
+        nyo, nyc = y1 - y0, yc1 - yc0
+        tmp = np.empty(width)
+        buf = np.empty((nq, yi1 - yi0, width))
+        ring_a = np.empty((wz, nq, nyc, width))
+        acc_a = np.zeros((nq, nyc, width))
+        cbuf = np.empty((nq2, nyc, width))
+        ring_b = np.empty((wz, nq2, nyo, width))
+        acc_b = np.zeros((nq2, nyo, width))
+        p_next = max(0, z0 - 2 * rz)
+        p_rm = p_next
+        c_next = max(0, z0 - rz)
+        c_rm = c_next
+        for k in range(z0, z1):
+            while c_next <= min(depth - 1, k + rz):
+                c = c_next
+                while p_rm < c - rz:
+                    _add_plane(acc_a, ring_a[p_rm % wz], nq, nyc, width, -1.0)
+                    p_rm += 1
+                while p_next <= min(depth - 1, c + rz):
+                    slot = ring_a[p_next % wz]
+                    _load_plane(F, M, mask, weighted, p_next, yi0, yi1, width, stats, buf)
+                    _box_x_inplace(buf, nq, yi1 - yi0, width, rx, tmp)
+                    _box_y(buf, yi0, nq, slot, yc0, yc0, yc1, height, ry, width, tmp)
+                    _add_plane(acc_a, slot, nq, nyc, width, 1.0)
+                    p_next += 1
+                # Coefficients of every window centred on plane c, rows [yc0, yc1).
+                cz = _count(c, rz, depth)
+                own_plane = z0 <= c < z1
+                for y in range(yc0, yc1):
+                    cy = _count(y, ry, height) * cz
+                    j = y - yc0
+                    own = own_plane and y0 <= y < y1
+                    for x in range(width):
+                        for q in range(nq2):
+                            cbuf[q, j, x] = 0.0
+                        inside = True
+                        if has_mask:
+                            inside = mask[c, y, x] != 0
+                        if not inside:
+                            continue
+                        gc = g[c, y, x] if g_is_map else g_scalar
+                        if zeros_mode:
+                            n = n_const
+                        elif weighted:
+                            n = acc_a[5, j, x]
+                        else:
+                            n = cy * _count(x, rx, width)
+                        s_f, s_m = acc_a[0, j, x], acc_a[1, j, x]
+                        a, b, cv = _moments(s_f, s_m, acc_a[2, j, x], acc_a[3, j, x], acc_a[4, j, x], n)
+                        if zeros_mode:
+                            den = b * cv + eps
+                            if not den > 0:
+                                continue
+                        else:
+                            if not (b > tau * n and cv > tau * n):
+                                continue
+                            den = b * cv
+                        if signed:
+                            s = 1.0 / math.sqrt(den)
+                            if own:
+                                total += min(1.0, max(-1.0, a * s))
+                            da = s
+                            db = -0.5 * a * cv * s * s * s
+                            dc = -0.5 * a * b * s * s * s
+                        else:
+                            inv = 1.0 / den
+                            if own:
+                                total += min(1.0, max(0.0, a * a * inv))
+                            da = 2.0 * a * inv
+                            db = -a * a * cv * inv * inv
+                            dc = -a * a * b * inv * inv
+                        cbuf[0, j, x] = gc * da
+                        if need_m:
+                            cbuf[mb, j, x] = gc * dc
+                            cbuf[mb + 1, j, x] = -gc * (da * s_f + 2.0 * dc * s_m) / n
+                        if need_f:
+                            cbuf[fb, j, x] = gc * db
+                            cbuf[fb + 1, j, x] = -gc * (da * s_m + 2.0 * db * s_f) / n
+                _box_x_inplace(cbuf, nq2, nyc, width, rx, tmp)
+                slot_b = ring_b[c % wz]
+                _box_y(cbuf, yc0, nq2, slot_b, y0, y0, y1, height, ry, width, tmp)
+                _add_plane(acc_b, slot_b, nq2, nyo, width, 1.0)
+                c_next += 1
+            while c_rm < k - rz:
+                _add_plane(acc_b, ring_b[c_rm % wz], nq2, nyo, width, -1.0)
+                c_rm += 1
+            for y in range(y0, y1):
+                j = y - y0
+                for x in range(width):
+                    w = 1.0
+                    if weighted:
+                        w = 1.0 if mask[k, y, x] else 0.0
+                    f = (F[k, y, x] - f_mean) * f_inv
+                    m = (M[k, y, x] - m_mean) * m_inv
+                    if need_m:
+                        dM[k, y, x] = w * m_inv * (f * acc_b[0, j, x] + 2.0 * m * acc_b[mb, j, x] + acc_b[mb + 1, j, x])
+                    if need_f:
+                        dF[k, y, x] = w * f_inv * (m * acc_b[0, j, x] + 2.0 * f * acc_b[fb, j, x] + acc_b[fb + 1, j, x])
+        partial[it] = total
+    return partial.sum()
+
+
+@njit(parallel=True, cache=True)
+def masked_mean_std(x, mask, has_mask):
+    """Mean and standard deviation of x over the mask in one parallel pass.
+
+    Sums are taken of x − x[0] in float64: shifting by a data value keeps E[d²] − E[d]² from
+    cancelling, whatever the offset of the image.
+    """
+    depth = x.shape[0]
+    shift = np.float64(x[0, 0, 0])
+    s1 = np.zeros(depth)
+    s2 = np.zeros(depth)
+    counts = np.zeros(depth)
+    for z in prange(depth):
+        a = 0.0
+        b = 0.0
+        c = 0.0
+        for y in range(x.shape[1]):
+            for i in range(x.shape[2]):
+                if not has_mask or mask[z, y, i]:
+                    d = x[z, y, i] - shift
+                    a += d
+                    b += d * d
+                    c += 1.0
+        s1[z] = a
+        s2[z] = b
+        counts[z] = c
+    count = counts.sum()
+    if count == 0:
+        return 0.0, 1.0
+    mean_d = s1.sum() / count
+    var = max(0.0, s2.sum() / count - mean_d * mean_d)
+    return shift + mean_d, math.sqrt(var)
