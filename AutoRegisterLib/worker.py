@@ -100,6 +100,8 @@ def main(argv=None) -> int:
                 "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = threads
     if os.name == "posix":
+        # numpy loads before the cap: OpenBLAS retries forever when it cannot map its buffers.
+        from . import image  # noqa: F401
         limit_memory(spec.get("memory_limit_mb"))
     run_spec(spec)
     return 0
