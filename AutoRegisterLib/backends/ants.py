@@ -77,11 +77,11 @@ class AntsBackend(Backend):
     name = "ants"
 
     def check_available(self) -> None:
-        """Raise BackendUnavailable when antspyx cannot be imported."""
-        try:
-            import ants  # noqa: F401
-        except ImportError as exc:
-            raise BackendUnavailable(f"antspyx is not installed ({exc}); pip install antspyx") from None
+        """Raise BackendUnavailable when antspyx is not installed (checked without importing it: that is slow)."""
+        import importlib.util
+
+        if importlib.util.find_spec("ants") is None:
+            raise BackendUnavailable("antspyx is not installed; pip install antspyx")
 
     def validate(self, preset: Preset) -> dict:
         """Return the preset's params merged with the defaults, or raise InputError naming the field."""

@@ -80,6 +80,8 @@ class Backend:
         import tempfile
 
         self.check_available()
+        if workdir is not None:
+            Path(workdir).mkdir(parents=True, exist_ok=True)
         if workdir is None:
             with tempfile.TemporaryDirectory(prefix="autoreg-") as tmp:
                 transform = self.estimate(preset, fixed, moving, Path(tmp), threads)

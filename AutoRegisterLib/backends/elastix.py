@@ -76,6 +76,16 @@ def find_executable(explicit: str = "") -> str | None:
     return shutil.which("elastix")
 
 
+def itk_elastix_installed() -> bool:
+    """True when itk-elastix's wrapping is installed; checked on disk, as loading it takes about 8 s."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("itk")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(p) / "ElastixPython.py").exists() for p in spec.submodule_search_locations)
+
+
 class ElastixBackend(Backend):
     """Registration with elastix (itk-elastix in-process, or an elastix executable)."""
 
@@ -88,13 +98,9 @@ class ElastixBackend(Backend):
             if not (Path(exe).is_file() and os.access(exe, os.X_OK)):
                 raise BackendUnavailable(f"elastix executable {exe} does not exist or is not executable")
             return
-        try:
-            import itk
-
-            itk.ElastixRegistrationMethod  # noqa: B018 -- the lazy itk module loads elastix here
-        except (ImportError, AttributeError) as exc:
-            raise BackendUnavailable(f"neither an elastix executable nor itk-elastix is available ({exc}); "
-                                     "pip install itk-elastix") from None
+        if not itk_elastix_installed():
+            raise BackendUnavailable("neither an elastix executable (PATH or $AUTOREGISTER_ELASTIX) nor "
+                                     "itk-elastix is available; pip install itk-elastix")
 
     def validate(self, preset: Preset) -> dict:
         """Return the preset's params merged with the defaults, or raise InputError naming the field."""
