@@ -90,7 +90,7 @@ def register_main(argv) -> int:
     """Run the register command; return the exit code."""
     args = build_parser().parse_args(argv)
     from .image import read_image
-    from .report import check_output_dir, format_table
+    from .report import check_output_dir, format_table, write_outputs
 
     try:
         if args.jobs is not None and args.jobs < 1:
@@ -115,12 +115,12 @@ def register_main(argv) -> int:
             result = auto_register(
                 fixed, moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
                 table=args.table, presets=args.presets, jobs=args.jobs, timeout_s=args.timeout,
-                device=args.device, keep_all=args.keep_all, out_dir=args.out, progress=progress,
-                memory_limit_mb=args.memory_limit_mb)
+                device=args.device, progress=progress, memory_limit_mb=args.memory_limit_mb)
         finally:
             if bar is not None:
                 bar.close()
-        result.inputs.update(fixed=args.fixed, moving=args.moving)
+        result.inputs.update(fixed=args.fixed, moving=args.moving)  # before result.json is written
+        write_outputs(result, args.out, keep_all=args.keep_all)
     except InputError as exc:
         return _finish(args, EXIT_USAGE, f"autoregister: error: {exc}")
     except (Cancelled, KeyboardInterrupt):
