@@ -11,8 +11,10 @@ import torch
 
 from ._inputs import to_batch
 
-#: A whole image is flat when its variance is at the rounding level of float64 sums of its values.
+#: A whole image is flat when its variance, relative to its mean square, is at the rounding level of
+#: its values: float32 (and integers held in it) resolve about 1e-7, so 1e-12; float64 about 1e-16.
 GLOBAL_FLAT = 1e-12
+GLOBAL_FLAT_FLOAT64 = 1e-28
 
 
 def zncc(fixed, moving, mask=None) -> torch.Tensor:
@@ -31,7 +33,8 @@ def zncc(fixed, moving, mask=None) -> torch.Tensor:
     sff, smm, sfm = fc.square().sum(dims), mc.square().sum(dims), (fc * mc).sum(dims)
     # Relative to the raw values' mean square, so the test is scale-free and catches rounding residue.
     n = count.reshape(-1)
-    ok = (sff > GLOBAL_FLAT * (f64.square() * w).sum(dims)) & (smm > GLOBAL_FLAT * (m64.square() * w).sum(dims))
+    flat_f, flat_m = (GLOBAL_FLAT_FLOAT64 if t.dtype == torch.float64 else GLOBAL_FLAT for t in (f, m))
+    ok = (sff > flat_f * (f64.square() * w).sum(dims)) & (smm > flat_m * (m64.square() * w).sum(dims))
     ok = ok & (n > 1)
     den = torch.where(ok, sff * smm, torch.ones_like(sff)).sqrt()
     value = torch.where(ok, sfm / den, torch.zeros_like(sfm)).clamp(-1.0, 1.0)
