@@ -294,3 +294,59 @@ def test_brainsfit_bspline_uses_an_explicit_executable_and_returns_a_fixed_grid_
     known = sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.1, -0.05, 0.2, (4.0, -3.0, 2.0))
     p = tuple(rigid_case4.fixed.physical_points(np.array([[20, 25, 22]]))[0])
     assert np.allclose(out.TransformPoint(p), known.TransformPoint(p), atol=1e-4)
+
+
+# --- elastix through an executable (as SlicerElastix ships it) --------------------------------
+
+FAKE_ELASTIX = """\
+#!{python}
+# A stand-in for elastix: records its arguments and writes the last TransformParameters file.
+import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+json.dump(args, open({log!r}, "w"))
+out = Path(args[args.index("-out") + 1])
+n = args.count("-p")
+(out / f"TransformParameters.{{n - 1}}.txt").write_text("(Transform \\"AffineTransform\\")\\n")
+"""
+
+FAKE_TRANSFORMIX = """\
+#!{python}
+# A stand-in for transformix: writes the displacement field of a known affine on the fixed grid.
+import json, sys
+from pathlib import Path
+import SimpleITK as sitk
+args = sys.argv[1:]
+json.dump(args, open({log!r}, "w"))
+fixed = sitk.ReadImage(str(Path(args[args.index("-tp") + 1]).parent / "fixed.mha"))
+known = sitk.AffineTransform((1.02, 0.05, 0.0, -0.03, 0.98, 0.01, 0.0, 0.02, 1.01), (3.0, -2.0, 5.0), (0.0, 10.0, 0.0))
+field = sitk.TransformToDisplacementField(known, sitk.sitkVectorFloat32, fixed.GetSize(), fixed.GetOrigin(),
+                                          fixed.GetSpacing(), fixed.GetDirection())
+sitk.WriteImage(field, str(Path(args[args.index("-out") + 1]) / "deformationField.mha"))
+"""
+
+
+def test_elastix_executable_from_the_environment_runs_with_argument_lists_and_its_field_is_read(
+        monkeypatch, tmp_path, rigid_case4):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, script in (("elastix", FAKE_ELASTIX), ("transformix", FAKE_TRANSFORMIX)):
+        exe = bindir / name
+        exe.write_text(textwrap.dedent(script).format(python=sys.executable, log=str(tmp_path / f"{name}.json")))
+        exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("AUTOREGISTER_ELASTIX", str(bindir / "elastix"))
+    backend = get_backend("elastix")
+    assert backend.availability() == (True, "")
+    out = backend.run(PRESETS["elastix-affine"], rigid_case4.fixed, rigid_case4.moving, tmp_path / "work", threads=2)
+    elastix_args = json.loads((tmp_path / "elastix.json").read_text())
+    assert elastix_args.count("-p") == 2  # rigid, then affine
+    assert elastix_args[elastix_args.index("-threads") + 1] == "2"
+    first = Path(elastix_args[elastix_args.index("-p") + 1]).read_text()
+    assert '(Transform "EulerTransform")' in first and "(RandomSeed 17)" in first
+    transformix_args = json.loads((tmp_path / "transformix.json").read_text())
+    assert transformix_args[:2] == ["-def", "all"]
+    known = sitk.AffineTransform((1.02, 0.05, 0.0, -0.03, 0.98, 0.01, 0.0, 0.02, 1.01), (3.0, -2.0, 5.0),
+                                 (0.0, 10.0, 0.0))
+    assert out.transform.GetName() == "AffineTransform"
+    for p in rigid_case4.fixed.physical_points(np.array([[0, 0, 0], [30, 40, 20]])):
+        assert np.allclose(out.transform.TransformPoint(tuple(p)), known.TransformPoint(tuple(p)), atol=1e-3)

@@ -67,6 +67,7 @@ class BrainsFitBackend(Backend):
     name = "brainsfit"
 
     def __init__(self, executable: str = ""):
+        """`executable` overrides $AUTOREGISTER_BRAINSFIT and PATH (the Slicer module passes its CLI's path)."""
         self.executable = executable
 
     def check_available(self) -> None:
