@@ -43,6 +43,11 @@ def main(argv=None) -> int:
     catalog = [Preset.from_dict(d) for d in json.loads(PRESETS_JSON.read_text())["presets"]]
     wanted = [p for p in catalog if not args.presets or p.name in args.presets.split(",")]
     rows = []
+    # Toolkit loading is paid once per worker process; time it apart so the per-preset times compare.
+    for module, attr in (("ants", "registration"), ("itk", "ElastixRegistrationMethod")):
+        t0 = time.perf_counter()
+        getattr(__import__(module), attr)
+        print(f"loading {module}: {time.perf_counter() - t0:.1f} s (once per process)", flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         case = demo_case(args.spacing, seed, args.rotation)
         mask = head_mask(case.fixed, "T1")
