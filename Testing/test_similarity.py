@@ -9,8 +9,10 @@ from scipy import ndimage
 
 from AutoRegisterLib.similarity import (
     FLAT_VARIANCE,
+    STD_FLOOR,
     LNCCLoss,
     lncc,
+    local_std,
     mutual_information,
     zncc,
     zncc_map,
@@ -384,3 +386,105 @@ def test_mutual_information_uses_only_voxels_inside_the_mask():
     assert float(mutual_information(f, corrupted, mask=mask)) == pytest.approx(
         float(mutual_information(f[6:], m[6:])), abs=1e-9
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local standard deviation
+# ----------------------------------------------------------------------------------------------------
+def reference_local_std(image, window):
+    """Population std of every clipped window, by brute force in float64."""
+    x = np.asarray(image, dtype=np.float64)
+    r = window // 2
+    out = np.empty_like(x)
+    for idx in np.ndindex(x.shape):
+        region = x[tuple(slice(max(0, i - r), i + r + 1) for i in idx)]
+        out[idx] = region.std()
+    return out
+
+
+def test_local_std_matches_brute_force_on_raw_int16_ct():
+    ct = ct_like((10, 12, 11), seed=3)
+    got = local_std(torch.from_numpy(ct), window=5)
+    assert got.dtype == torch.float32 and got.shape == ct.shape
+    np.testing.assert_allclose(got.numpy(), reference_local_std(ct, 5), rtol=1e-5, atol=1e-2)
+
+
+def test_local_std_scales_with_the_image_and_ignores_offsets():
+    f, _ = smooth_pair((8, 9, 10), seed=4)
+    base = local_std(f, window=3)
+    np.testing.assert_allclose(local_std(-250.0 * f + 1e6, window=3).numpy(), 250.0 * base.numpy(), rtol=1e-6)
+
+
+def test_local_std_of_a_flat_region_is_the_documented_floor():
+    f, _ = smooth_pair((8, 8, 8), seed=5)
+    f[:, :, :4] = 7.0
+    std = local_std(f, window=3).numpy()
+    assert np.all(np.isfinite(std))
+    np.testing.assert_allclose(std[:, :, :2], STD_FLOOR * f.std(), rtol=1e-3)
+
+
+def test_local_std_keeps_2d_and_batched_shapes():
+    img = np.random.default_rng(6).normal(size=(2, 1, 12, 13))
+    std = local_std(torch.tensor(img), window=3)
+    assert std.shape == img.shape
+    np.testing.assert_allclose(std[1, 0].numpy(), reference_local_std(img[1, 0], 3), rtol=1e-9)
+
+
+def test_local_std_passes_gradcheck_in_float64():
+    f, _ = smooth_pair((4, 5, 6), seed=7)
+    x = torch.tensor(f, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: local_std(a, window=3), (x,))
+    x2 = torch.tensor(np.random.default_rng(8).normal(size=(1, 2, 6, 7)), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: local_std(a, window=(3, 5)), (x2,))
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA (skipped where there is no GPU or no CuPy)
+# ----------------------------------------------------------------------------------------------------
+def _cuda_ready():
+    from AutoRegisterLib.similarity import _fused_cuda
+
+    return _fused_cuda.available()
+
+
+needs_cupy = pytest.mark.skipif(not _cuda_ready()[0], reason=f"CUDA engine unavailable: {_cuda_ready()[1]}")
+
+
+def test_forcing_an_engine_that_cannot_run_here_says_why():
+    f, m = smooth_pair((6, 6, 6))
+    if not _cuda_ready()[0]:
+        with pytest.raises(RuntimeError, match="cupy"):
+            lncc(f, m, engine="cupy")
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CPU"):
+            lncc(torch.tensor(f).cuda(), torch.tensor(m).cuda(), engine="fused_cpu")
+
+
+@pytest.mark.cuda
+@needs_cupy
+@pytest.mark.parametrize("boundary", ["valid", "zeros"])
+def test_cupy_engine_matches_the_cpu_map_and_gradients(boundary):
+    f, m = smooth_pair((12, 13, 14), seed=9)
+    mask = np.ones(f.shape, bool)
+    mask[:, :3] = False
+    cpu = lncc(f, m, window=5, mask=mask, reduction="none", boundary=boundary, engine="running_sum")
+    ft = torch.tensor(f, device="cuda", requires_grad=True)
+    mt = torch.tensor(m, device="cuda", requires_grad=True)
+    gpu = lncc(ft, mt, window=5, mask=torch.tensor(mask, device="cuda"), reduction="none", boundary=boundary,
+               engine="cupy")
+    assert torch.abs(gpu.cpu() - cpu).max() < 1e-9
+    gpu.sum().backward()
+    fc = torch.tensor(f, requires_grad=True)
+    mc = torch.tensor(m, requires_grad=True)
+    lncc(fc, mc, window=5, mask=mask, reduction="none", boundary=boundary, engine="running_sum").sum().backward()
+    assert torch.allclose(ft.grad.cpu(), fc.grad, atol=1e-9)
+    assert torch.allclose(mt.grad.cpu(), mc.grad, atol=1e-9)
+
+
+@pytest.mark.cuda
+@needs_cupy
+def test_local_std_on_cuda_matches_cpu_and_passes_gradcheck():
+    f, _ = smooth_pair((4, 5, 6), seed=10)
+    x = torch.tensor(f, device="cuda", requires_grad=True)
+    assert torch.allclose(local_std(x, window=3).cpu(), local_std(f, window=3), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a: local_std(a, window=3), (x,))

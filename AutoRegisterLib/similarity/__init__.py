@@ -15,8 +15,9 @@ See ``lncc.py`` for the formula, the numerics and the boundary rules.
 from .box import box_filter
 from .global_metrics import mutual_information, zncc
 from .lncc import ENGINES, FLAT_VARIANCE, ZEROS_EPS, LNCCLoss, lncc, zncc_map
+from .local_std import STD_FLOOR, LocalStd, local_std
 
 __all__ = [
-    "lncc", "zncc_map", "zncc", "LNCCLoss", "mutual_information", "box_filter",
-    "ENGINES", "FLAT_VARIANCE", "ZEROS_EPS",
+    "lncc", "zncc_map", "zncc", "LNCCLoss", "mutual_information", "box_filter", "local_std", "LocalStd",
+    "ENGINES", "FLAT_VARIANCE", "ZEROS_EPS", "STD_FLOOR",
 ]

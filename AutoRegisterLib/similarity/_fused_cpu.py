@@ -37,6 +37,8 @@ def _kernels(n_voxels: int):
     if n_voxels < SERIAL_VOXELS:
         threads = 1
     numba.set_num_threads(threads)
+    # Hand out work items one at a time: on a shared machine a static split waits for the slowest core.
+    numba.set_parallel_chunksize(1)
     return _numba_kernels, threads
 
 

@@ -92,6 +92,39 @@ def _load_plane(F, M, mask, weighted, z, ylo, yhi, width, stats, buf):
 
 
 @njit(cache=True)
+def _load_box_x(F, M, mask, weighted, z, ylo, yhi, width, rx, stats, nq, row, buf):
+    """buf[q, y − ylo] = x-box of quantity q on row y of plane z, for rows [ylo, yhi).
+
+    The quantities of one row go to `row` (zero-padded by rx on both sides, in L1 cache), so the
+    raw quantities never make a round trip through memory.
+    """
+    f_mean, f_inv, m_mean, m_inv = stats[0], stats[1], stats[2], stats[3]
+    for y in range(ylo, yhi):
+        j = y - ylo
+        for x in range(width):
+            f = (F[z, y, x] - f_mean) * f_inv
+            m = (M[z, y, x] - m_mean) * m_inv
+            if weighted:
+                w = 1.0 if mask[z, y, x] else 0.0
+                f *= w
+                m *= w
+                row[5, rx + x] = w
+            row[0, rx + x] = f
+            row[1, rx + x] = m
+            row[2, rx + x] = f * f
+            row[3, rx + x] = m * m
+            row[4, rx + x] = f * m
+        # A direct sum of shifted rows vectorizes; a running sum is one long dependency chain.
+        span = 2 * rx + 1
+        for q in range(nq):
+            for x in range(width):
+                buf[q, j, x] = row[q, x]
+            for d in range(1, span):
+                for x in range(width):
+                    buf[q, j, x] += row[q, x + d]
+
+
+@njit(cache=True)
 def _add_plane(acc, plane, nq, nrows, width, sign):
     """acc += sign · plane over the first nrows rows."""
     for q in range(nq):
@@ -106,6 +139,31 @@ def _moments(s_f, s_m, s_ff, s_mm, s_fm, n):
     return s_fm - s_f * s_m / n, s_ff - s_f * s_f / n, s_mm - s_m * s_m / n
 
 
+@njit(cache=True, inline="always")
+def _finish_row(s_f, s_m, s_ff, s_mm, s_fm, n, inside, width, eps, tau, signed, out):
+    """out[x] = the map value from the window sums of one row; branch-free so that it vectorizes."""
+    if signed:
+        for x in range(width):
+            inv = 1.0 / n[x]
+            a = s_fm[x] - s_f[x] * s_m[x] * inv
+            b = s_ff[x] - s_f[x] * s_f[x] * inv
+            c = s_mm[x] - s_m[x] * s_m[x] * inv
+            den = b * c + eps
+            ok = (b > tau * n[x]) & (c > tau * n[x]) & (den > 0.0) & (inside[x] != 0.0)
+            v = a / math.sqrt(den if ok else 1.0)
+            out[x] = min(1.0, max(-1.0, v)) if ok else 0.0
+    else:
+        for x in range(width):
+            inv = 1.0 / n[x]
+            a = s_fm[x] - s_f[x] * s_m[x] * inv
+            b = s_ff[x] - s_f[x] * s_f[x] * inv
+            c = s_mm[x] - s_m[x] * s_m[x] * inv
+            den = b * c + eps
+            ok = (b > tau * n[x]) & (c > tau * n[x]) & (den > 0.0) & (inside[x] != 0.0)
+            v = a * a / (den if ok else 1.0)
+            out[x] = min(1.0, max(0.0, v)) if ok else 0.0
+
+
 @njit(parallel=True, cache=True)
 def lncc_forward(F, M, mask, has_mask, radii, stats, zeros_mode, n_const, eps, tau, signed, out, write_out,
                  items):
@@ -115,60 +173,69 @@ def lncc_forward(F, M, mask, has_mask, radii, stats, zeros_mode, n_const, eps, t
     weighted = has_mask and not zeros_mode
     nq = 6 if weighted else 5
     wz = 2 * rz + 2
+    # "zeros" has no flat test: VoxelMorph's eps alone keeps the ratio finite.
+    tau_eff = -1e300 if zeros_mode else tau
+    count_x = np.empty(width)
+    for x in range(width):
+        count_x[x] = _count(x, rx, width)
     partial = np.zeros(items.shape[0])
     for it in prange(items.shape[0]):
         z0, z1, y0, y1 = items[it, 0], items[it, 1], items[it, 2], items[it, 3]
         ylo, yhi = max(0, y0 - ry), min(height, y1 + ry)
         nyo = y1 - y0
+        row = np.zeros((nq, width + 2 * rx))
         buf = np.empty((nq, yhi - ylo, width))
         tmp = np.empty(width)
         ring = np.empty((wz, nq, nyo, width))
+        zero = np.zeros((nq, nyo, width))
         acc = np.zeros((nq, nyo, width))
-        p_next = max(0, z0 - rz)
-        p_rm = p_next
+        n_row = np.empty(width)
+        inside = np.ones(width)
+        values = np.empty(width)
+        start = max(0, z0 - rz)
+        for p in range(start, min(depth, z0 + rz)):
+            _load_box_x(F, M, mask, weighted, p, ylo, yhi, width, rx, stats, nq, row, buf)
+            _box_y(buf, ylo, nq, ring[p % wz], y0, y0, y1, height, ry, width, tmp)
+            _add_plane(acc, ring[p % wz], nq, nyo, width, 1.0)
         total = 0.0
         for z in range(z0, z1):
-            while p_rm < z - rz:
-                _add_plane(acc, ring[p_rm % wz], nq, nyo, width, -1.0)
-                p_rm += 1
-            while p_next <= min(depth - 1, z + rz):
-                slot = ring[p_next % wz]
-                _load_plane(F, M, mask, weighted, p_next, ylo, yhi, width, stats, buf)
-                _box_x_inplace(buf, nq, yhi - ylo, width, rx, tmp)
-                _box_y(buf, ylo, nq, slot, y0, y0, y1, height, ry, width, tmp)
-                _add_plane(acc, slot, nq, nyo, width, 1.0)
-                p_next += 1
+            # Slide the z-window (add plane z+rz, drop z−rz−1) while finishing each row.
+            p_in, p_out = z + rz, z - rz - 1
+            new = zero
+            if p_in < depth:
+                new = ring[p_in % wz]
+                _load_box_x(F, M, mask, weighted, p_in, ylo, yhi, width, rx, stats, nq, row, buf)
+                _box_y(buf, ylo, nq, new, y0, y0, y1, height, ry, width, tmp)
+            old = ring[p_out % wz] if p_out >= start else zero
             cz = _count(z, rz, depth)
             for y in range(y0, y1):
-                cy = _count(y, ry, height) * cz
                 j = y - y0
+                for q in range(nq):
+                    a_q, n_q, o_q = acc[q, j], new[q, j], old[q, j]
+                    for x in range(width):
+                        a_q[x] += n_q[x] - o_q[x]
+                if zeros_mode:
+                    for x in range(width):
+                        n_row[x] = n_const
+                elif weighted:
+                    n_row[:] = acc[5, j]
+                else:
+                    cy = _count(y, ry, height) * cz
+                    for x in range(width):
+                        n_row[x] = cy * count_x[x]
+                if has_mask:
+                    for x in range(width):
+                        inside[x] = 1.0 if mask[z, y, x] else 0.0
+                        # Outside the mask N may be 0; any positive value avoids 0/0 there.
+                        if n_row[x] <= 0.0:
+                            n_row[x] = 1.0
+                _finish_row(acc[0, j], acc[1, j], acc[2, j], acc[3, j], acc[4, j], n_row, inside, width,
+                            eps, tau_eff, signed, values)
                 for x in range(width):
-                    inside = True
-                    if has_mask:
-                        inside = mask[z, y, x] != 0
-                    v = 0.0
-                    if inside:
-                        if zeros_mode:
-                            n = n_const
-                        elif weighted:
-                            n = acc[5, j, x]
-                        else:
-                            n = cy * _count(x, rx, width)
-                        a, b, c = _moments(acc[0, j, x], acc[1, j, x], acc[2, j, x], acc[3, j, x], acc[4, j, x], n)
-                        if zeros_mode:
-                            den = b * c + eps
-                            ok = den > 0
-                        else:
-                            den = b * c
-                            ok = b > tau * n and c > tau * n
-                        if ok:
-                            if signed:
-                                v = min(1.0, max(-1.0, a / math.sqrt(den)))
-                            else:
-                                v = min(1.0, max(0.0, a * a / den))
-                    if write_out:
-                        out[z, y, x] = v
-                    total += v
+                    total += values[x]
+                if write_out:
+                    for x in range(width):
+                        out[z, y, x] = values[x]
         partial[it] = total
     return partial.sum()
 
