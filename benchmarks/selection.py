@@ -41,7 +41,7 @@ from AutoRegisterLib.errors import InputError  # noqa: E402
 from AutoRegisterLib.image import Image, from_sitk, resample_to_grid, to_sitk  # noqa: E402
 from AutoRegisterLib.pipeline import auto_register  # noqa: E402
 from AutoRegisterLib.presets import TABLES_DIR, ScoringSettings, load_catalog, load_table  # noqa: E402
-from AutoRegisterLib.scoring import choose_best, head_mask, jacobian_determinant, score_candidate  # noqa: E402
+from AutoRegisterLib.scoring import COMPLEXITY, choose_best, head_mask, jacobian_determinant, score_candidate  # noqa: E402
 
 CLASSES = {
     "rigid": {"rotation_deg": 12.0, "translation_mm": 10.0},
@@ -65,7 +65,14 @@ VARIANTS = [
     ("folding veto 0.1%", {"max_folding_fraction": 0.001}),
     ("folding veto 5%", {"max_folding_fraction": 0.05}),
     ("no folding veto", {"max_folding_fraction": 1.0, "min_jacobian": -1e30}),
+    ("simpler wins within 0.005", {"tie_tolerance": 0.005}),
+    ("simpler wins within 0.01", {"tie_tolerance": 0.01}),
     ("MI second vote", {"mi_vote": True}),
+    # Not a ScoringSettings field yet: a proposed rule, scores x (1 - penalty x complexity level).
+    ("complexity penalty 1%/level", {"complexity_penalty": 0.01}),
+    ("complexity penalty 2%/level", {"complexity_penalty": 0.02}),
+    ("complexity penalty 3%/level", {"complexity_penalty": 0.03}),
+    ("complexity penalty 5%/level", {"complexity_penalty": 0.05}),
     ("rank by MI", {"metric": "mi"}),
 ]
 
@@ -133,13 +140,19 @@ def rescore(measures: dict, settings: ScoringSettings) -> dict:
     return {"score": score, "mi": m["mi"], "coverage": m["coverage"], "vetoed": vetoed}
 
 
-def choose(case_record: dict, settings: ScoringSettings) -> str | None:
-    """The candidate `settings` would keep among the stored ones (None when all are vetoed)."""
+def choose(case_record: dict, settings: ScoringSettings, complexity_penalty: float = 0.0) -> str | None:
+    """The candidate `settings` would keep among the stored ones (None when all are vetoed).
+
+    `complexity_penalty` (a proposed rule, not in the scorer) multiplies each score by
+    ``1 - penalty x level`` (rigid 0, affine 1, deformable 2) so flexibility must earn its keep.
+    """
     entries, names = [], []
     for name, measures in case_record["measures"].items():
         r = rescore(measures, settings)
         if not r["vetoed"]:
-            entries.append({**r, "transform_type": case_record["auto"]["candidates"][name]["transform_type"]})
+            kind = case_record["auto"]["candidates"][name]["transform_type"]
+            r["score"] *= 1.0 - complexity_penalty * COMPLEXITY.get(kind, 2)
+            entries.append({**r, "transform_type": kind})
             names.append(name)
     pick = choose_best(entries, settings)
     return names[pick] if pick is not None else None
@@ -208,11 +221,16 @@ def run_truth_case(name, case, fm, mm, table, args) -> dict:
     rec["measures"] = raw_measures(auto, {"auto": head_mask(auto.fixed, fm),
                                           "none": np.ones(auto.fixed.array.shape, bool)})
     if args.racing:
+        rounds = []
+        t0 = time.perf_counter()
         raced = auto_register(case.fixed, case.moving, fixed_modality=fm, moving_modality=mm,
-                              table=replace(table, racing=dict(RACING)), timeout_s=args.timeout)
+                              table=replace(table, racing=dict(RACING)), timeout_s=args.timeout,
+                              progress=lambda e: rounds.append(time.perf_counter() - t0) if e["event"] == "round"
+                              else None)
         best = raced.best
         truth = candidate_truth(case, best.transform, head) if best is not None else rec["initial"]
         rec["racing"] = {"wall_seconds": raced.wall_seconds, "chosen": best.name if best else None, **truth,
+                         "coarse_round_seconds": rounds[0] if rounds else None,
                          "statuses": {c.name: c.status for c in raced.candidates}}
     return rec
 
@@ -273,8 +291,10 @@ def variants_table(cases: list[dict], base: ScoringSettings) -> list[dict]:
     """Selection quality of each scorer variant, re-scoring the same stored candidates."""
     rows = []
     for label, changes in VARIANTS:
-        settings = replace(base, **changes)
-        stats = selection_stats(cases, [choose(c, settings) for c in cases])
+        fields = {k: v for k, v in changes.items() if k != "complexity_penalty"}
+        settings = replace(base, **fields)
+        penalty = changes.get("complexity_penalty", 0.0)
+        stats = selection_stats(cases, [choose(c, settings, penalty) for c in cases])
         vetoed = sum(rescore(m, settings)["vetoed"] for c in cases for m in c["measures"].values())
         rows.append({"variant": label, "settings": changes, **stats, "vetoed_candidates": int(vetoed)})
     return rows
