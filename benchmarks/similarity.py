@@ -10,8 +10,8 @@ error is measured against its own formula evaluated in float64 (scipy's uniform 
 independent code path); ours against the same for ANTs-style valid windows. Inputs are raw CT-like
 values (−1024..3071 HU), the case where float32 box sums fall apart.
 
-Timings are medians over rounds; every round times every method once, so a busy machine slows them
-all alike. Peak memory of our forward+backward is measured in a fresh process as the growth of peak
+Timings are medians over rounds; every round times every method in turn, so a busy machine slows
+them all alike (methods faster than a second are called a few times per round, as timeit does). Peak memory of our forward+backward is measured in a fresh process as the growth of peak
 RSS (VmHWM, reset through /proc/self/clear_refs) over the RSS with the inputs already allocated,
 in units of one float32 volume.
 """
@@ -167,13 +167,16 @@ def time_call(fn, device):
 
 
 def run_rounds(methods: dict, rounds: int, device: str) -> dict:
-    """Median seconds per method, every round timing each method once (after one warm-up call)."""
-    for fn in methods.values():
-        fn()
+    """Median seconds per call, every round timing each method in turn (after one warm-up call).
+
+    A method faster than a second is called several times per round (up to 10, about a second's
+    worth), as timeit does, so that one hiccup of a shared machine does not decide its median.
+    """
+    repeats = {name: max(1, min(10, int(1.0 / max(time_call(fn, device), 1e-3)))) for name, fn in methods.items()}
     times = {name: [] for name in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
-            times[name].append(time_call(fn, device))
+            times[name].extend(time_call(fn, device) for _ in range(repeats[name]))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

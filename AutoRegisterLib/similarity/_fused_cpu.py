@@ -91,8 +91,7 @@ class _Problem:
             if self.zeros_mode:
                 self.stats[i] = (0.0, 1.0, 0.0, 1.0)
                 continue
-            fm, fs = kern.masked_mean_std(self.f[i], self.mask[i], self.has_mask)
-            mm, ms = kern.masked_mean_std(self.m[i], self.mask[i], self.has_mask)
+            fm, fs, mm, ms = kern.pair_stats(self.f[i], self.m[i], self.mask[i], self.has_mask)
             self.stats[i] = (fm, 1.0 / fs if fs > 0 else 1.0, mm, 1.0 / ms if ms > 0 else 1.0)
 
     def forward(self, signed: bool, out: np.ndarray | None) -> float:

@@ -366,35 +366,56 @@ def lncc_backward(F, M, mask, has_mask, radii, stats, zeros_mode, n_const, eps, 
     return partial.sum()
 
 
-@njit(parallel=True, cache=True)
-def masked_mean_std(x, mask, has_mask):
-    """Mean and standard deviation of x over the mask in one parallel pass.
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def pair_stats(F, M, mask, has_mask):
+    """Mean and standard deviation of F and of M over the mask, in one parallel pass over both.
 
-    Sums are taken of x − x[0] in float64: shifting by a data value keeps E[d²] − E[d]² from
-    cancelling, whatever the offset of the image.
+    Sums are taken of x − x[first] in float64: shifting by a data value keeps E[d²] − E[d]² from
+    cancelling whatever the offset of the image. Reassociation only lets the sums vectorize.
     """
-    depth = x.shape[0]
-    shift = np.float64(x[0, 0, 0])
-    s1 = np.zeros(depth)
-    s2 = np.zeros(depth)
-    counts = np.zeros(depth)
+    depth, height, width = F.shape
+    f0 = np.float64(F[0, 0, 0])
+    m0 = np.float64(M[0, 0, 0])
+    sums = np.zeros((depth, 5))
     for z in prange(depth):
-        a = 0.0
-        b = 0.0
-        c = 0.0
-        for y in range(x.shape[1]):
-            for i in range(x.shape[2]):
-                if not has_mask or mask[z, y, i]:
-                    d = x[z, y, i] - shift
-                    a += d
-                    b += d * d
-                    c += 1.0
-        s1[z] = a
-        s2[z] = b
-        counts[z] = c
-    count = counts.sum()
-    if count == 0:
-        return 0.0, 1.0
-    mean_d = s1.sum() / count
-    var = max(0.0, s2.sum() / count - mean_d * mean_d)
-    return shift + mean_d, math.sqrt(var)
+        sf = 0.0
+        sff = 0.0
+        sm = 0.0
+        smm = 0.0
+        count = 0.0
+        for y in range(height):
+            if has_mask:
+                for x in range(width):
+                    w = 1.0 if mask[z, y, x] else 0.0
+                    df = (F[z, y, x] - f0) * w
+                    dm = (M[z, y, x] - m0) * w
+                    sf += df
+                    sff += df * df
+                    sm += dm
+                    smm += dm * dm
+                    count += w
+            else:
+                for x in range(width):
+                    df = F[z, y, x] - f0
+                    dm = M[z, y, x] - m0
+                    sf += df
+                    sff += df * df
+                    sm += dm
+                    smm += dm * dm
+                count += width
+        sums[z, 0] = sf
+        sums[z, 1] = sff
+        sums[z, 2] = sm
+        sums[z, 3] = smm
+        sums[z, 4] = count
+    total = sums.sum(axis=0)
+    out = np.array([0.0, 1.0, 0.0, 1.0])
+    if total[4] == 0:
+        return out
+    mf = total[0] / total[4]
+    mm = total[2] / total[4]
+    out[0] = f0 + mf
+    out[1] = math.sqrt(max(0.0, total[1] / total[4] - mf * mf))
+    out[2] = m0 + mm
+    out[3] = math.sqrt(max(0.0, total[3] / total[4] - mm * mm))
+    return out

@@ -122,7 +122,12 @@ def _maps_torch(f, m, mask, rad, boundary, engine, signed: bool) -> torch.Tensor
 
 
 def resolve_engine(engine: str, device: torch.device, spatial_ndim: int) -> str:
-    """The engine to run: the caller's choice if it can run here, else the fastest correct one."""
+    """The engine to run: the caller's choice (if it can run here), or the fastest correct one.
+
+    Every engine is exact to float64 rounding, so "auto" only weighs speed: on CPU the fused numba
+    kernel (O(1) work per voxel whatever the window, no volume-sized temporaries), else running sums;
+    on CUDA the CuPy kernels, else the FFT engine (one batched transform for all five sums).
+    """
     check_choice(engine, ENGINES, "engine")
     if engine == "auto":
         if device.type == "cuda":
@@ -176,7 +181,20 @@ def _prepare(fixed, moving, window, mask, reduction, boundary, engine):
 
 def lncc(fixed, moving, window=9, mask=None, reduction: str = "mean", boundary: str = "valid",
          engine: str = "auto") -> torch.Tensor:
-    """Squared local normalized cross-correlation cc = cross²/(varF·varM) in [0, 1], reduced or per voxel."""
+    """Squared local normalized cross-correlation cc = cross²/(varF·varM) in [0, 1], reduced or per voxel.
+
+    fixed, moving: tensors or numpy arrays of the same shape, (H,W), (D,H,W), (N,C,H,W) or
+        (N,C,D,H,W); any integer or float dtype (converted exactly, never overflowing).
+    window: odd window size in voxels, an int or one per spatial axis.
+    mask: optional, shaped like the grid or like the images; nonzero = inside. Windows count only
+        voxels inside it (N = box(mask)); voxels outside get 0 and are left out of mean/sum.
+    reduction: "mean" or "sum" over voxels that have a value, or "none" for the map in the input's shape.
+    boundary: "valid" (ANTs: windows clipped to the image) or "zeros" (VoxelMorph, exactly).
+    engine: "auto" (the fused kernel of the device when available) or one of ENGINES to force it.
+
+    Returns a float32 tensor (float64 if an input is float64 or int32+), differentiable with respect to
+    inputs that require grad.
+    """
     f, m, mk, layout, rad, chosen = _prepare(fixed, moving, window, mask, reduction, boundary, engine)
     if chosen == "fused_cpu" and reduction != "none":
         from ._fused_cpu import fused_reduction
