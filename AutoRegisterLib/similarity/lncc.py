@@ -23,6 +23,15 @@ Boundaries: ``"valid"`` (default) clips windows to the image and counts only in-
 does; with a mask, N = box(mask), so only voxels inside the mask count. ``"zeros"`` reproduces
 VoxelMorph's NCC exactly: raw values, zero padding, N = w^d everywhere and 1e-5 added to varF·varM.
 
+Engines (``engine=``; all exact to float64 rounding, so they differ only in speed and memory):
+
+* ``"fft"``, ``"running_sum"``, ``"grouped_conv"``: torch box filters (one batched FFT, separable
+  prefix sums, FastLNCC's grouped convolution) in float64, differentiated by autograd.
+* ``"fused_cpu"`` (numba, the ``[fast]`` extra): the whole forward and backward streamed plane by
+  plane with float64 running sums, in parallel; forward + backward needs about one float32 volume
+  beyond its inputs (the gradient) plus cache-sized ring buffers. The default on CPU.
+* ``"cupy"`` (the ``[cuda]`` extra): the same computation as CuPy kernels; the default on CUDA.
+
 References: Avants et al., "A reproducible evaluation of ANTs similarity metric performance in brain
 image registration", NeuroImage 2011; Balakrishnan et al., "VoxelMorph", IEEE TMI 2019; FastLNCC
 (one grouped convolution for the five box sums).
@@ -221,7 +230,16 @@ class LNCCLoss(nn.Module):
     ``LNCCLoss(window=9, boundary="zeros")`` replaces ``voxelmorph.losses.NCC().loss``; ``"valid"``
     clips windows to the image as ANTs does. Flat windows count as cc = 0.
 
-    References: Avants et al., NeuroImage 2011 (ANTs CC); Balakrishnan et al., IEEE TMI 2019
+    Engines (``engine=``; all exact to float64 rounding, so they differ only in speed and memory):
+
+* ``"fft"``, ``"running_sum"``, ``"grouped_conv"``: torch box filters (one batched FFT, separable
+  prefix sums, FastLNCC's grouped convolution) in float64, differentiated by autograd.
+* ``"fused_cpu"`` (numba, the ``[fast]`` extra): the whole forward and backward streamed plane by
+  plane with float64 running sums, in parallel; forward + backward needs about one float32 volume
+  beyond its inputs (the gradient) plus cache-sized ring buffers. The default on CPU.
+* ``"cupy"`` (the ``[cuda]`` extra): the same computation as CuPy kernels; the default on CUDA.
+
+References: Avants et al., NeuroImage 2011 (ANTs CC); Balakrishnan et al., IEEE TMI 2019
     (VoxelMorph); MONAI's LocalNormalizedCrossCorrelationLoss for the argument conventions.
     """
 
