@@ -520,3 +520,15 @@ def test_local_std_on_cuda_matches_cpu_and_passes_gradcheck():
     x = torch.tensor(f, device="cuda", requires_grad=True)
     assert torch.allclose(local_std(x, window=3).cpu(), local_std(f, window=3), atol=1e-12)
     assert torch.autograd.gradcheck(lambda a: local_std(a, window=3), (x,))
+
+
+@pytest.mark.skipif(FUSED_OR_FFT != "fused_cpu", reason="the fused CPU engine needs numba")
+def test_the_fused_engine_leaves_numba_thread_settings_as_it_found_them():
+    import numba
+
+    before = numba.get_num_threads()
+    f, m = smooth_pair((40, 40, 48), seed=11)  # large enough to run in parallel
+    mt = torch.tensor(m, requires_grad=True)
+    lncc(f, mt, engine="fused_cpu").backward()
+    assert numba.get_num_threads() == before
+    assert numba.get_parallel_chunksize() == 0

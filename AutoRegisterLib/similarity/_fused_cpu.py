@@ -7,6 +7,8 @@ forward + backward needs the gradients it returns plus a few cache-sized ring bu
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -28,7 +30,7 @@ def available():
 
 
 def _kernels(n_voxels: int):
-    """Import (on first use, compile or load from cache) the kernels; set numba's threads to torch's."""
+    """Import (on first use, compile or load from cache) the kernels; how many threads to use."""
     import numba
 
     from . import _numba_kernels
@@ -36,10 +38,23 @@ def _kernels(n_voxels: int):
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if n_voxels < SERIAL_VOXELS:
         threads = 1
+    return _numba_kernels, threads
+
+
+@contextmanager
+def _numba_settings(threads: int):
+    """Run with torch's thread count and one-item chunks, then restore the caller's numba settings."""
+    import numba
+
+    old_threads = numba.get_num_threads()
     numba.set_num_threads(threads)
     # Hand out work items one at a time: on a shared machine a static split waits for the slowest core.
-    numba.set_parallel_chunksize(1)
-    return _numba_kernels, threads
+    old_chunk = numba.set_parallel_chunksize(1)
+    try:
+        yield
+    finally:
+        numba.set_parallel_chunksize(old_chunk)
+        numba.set_num_threads(old_threads)
 
 
 def _work_items(depth: int, height: int, width: int, radii, n_quantities: int, threads: int) -> np.ndarray:
@@ -66,6 +81,7 @@ class _Problem:
 
     def __init__(self, f: torch.Tensor, m: torch.Tensor, mask, rad, boundary: str):
         kern, threads = _kernels(f.shape[1:].numel())
+        self.threads = threads
         dtype = torch.float64 if torch.float64 in (f.dtype, m.dtype) else torch.float32
         spatial = tuple(f.shape[1:])
         if len(spatial) == 2:
@@ -91,7 +107,8 @@ class _Problem:
             if self.zeros_mode:
                 self.stats[i] = (0.0, 1.0, 0.0, 1.0)
                 continue
-            fm, fs, mm, ms = kern.pair_stats(self.f[i], self.m[i], self.mask[i], self.has_mask)
+            with _numba_settings(threads):
+                fm, fs, mm, ms = kern.pair_stats(self.f[i], self.m[i], self.mask[i], self.has_mask)
             self.stats[i] = (fm, 1.0 / fs if fs > 0 else 1.0, mm, 1.0 / ms if ms > 0 else 1.0)
 
     def forward(self, signed: bool, out: np.ndarray | None) -> float:
@@ -99,11 +116,12 @@ class _Problem:
         total = 0.0
         dummy = np.zeros((1, 1, 1), self.f.dtype)
         for i in range(self.f.shape[0]):
-            total += self.kern.lncc_forward(
-                self.f[i], self.m[i], self.mask[i], self.has_mask, self.radii, self.stats[i], self.zeros_mode,
-                self.n_const, self.eps, FLAT_VARIANCE, signed, dummy if out is None else out[i],
-                out is not None, self.items,
-            )
+            with _numba_settings(self.threads):
+                total += self.kern.lncc_forward(
+                    self.f[i], self.m[i], self.mask[i], self.has_mask, self.radii, self.stats[i], self.zeros_mode,
+                    self.n_const, self.eps, FLAT_VARIANCE, signed, dummy if out is None else out[i],
+                    out is not None, self.items,
+                )
         return total
 
     def backward(self, signed: bool, grad, need_f: bool, need_m: bool):
@@ -115,12 +133,13 @@ class _Problem:
         dummy_g = np.zeros((1, 1, 1), np.float64 if not grad_is_map else grad.dtype)
         total = 0.0
         for i in range(self.f.shape[0]):
-            total += self.kern.lncc_backward(
-                self.f[i], self.m[i], self.mask[i], self.has_mask, self.radii, self.stats[i], self.zeros_mode,
-                self.n_const, self.eps, FLAT_VARIANCE, signed,
-                grad[i] if grad_is_map else dummy_g, 0.0 if grad_is_map else float(grad), grad_is_map,
-                need_f, need_m, dummy if d_f is None else d_f[i], dummy if d_m is None else d_m[i], self.items,
-            )
+            with _numba_settings(self.threads):
+                total += self.kern.lncc_backward(
+                    self.f[i], self.m[i], self.mask[i], self.has_mask, self.radii, self.stats[i], self.zeros_mode,
+                    self.n_const, self.eps, FLAT_VARIANCE, signed,
+                    grad[i] if grad_is_map else dummy_g, 0.0 if grad_is_map else float(grad), grad_is_map,
+                    need_f, need_m, dummy if d_f is None else d_f[i], dummy if d_m is None else d_m[i], self.items,
+                )
         return d_f, d_m, total
 
 
