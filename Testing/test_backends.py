@@ -350,3 +350,16 @@ def test_elastix_executable_from_the_environment_runs_with_argument_lists_and_it
     assert out.transform.GetName() == "AffineTransform"
     for p in rigid_case4.fixed.physical_points(np.array([[0, 0, 0], [30, 40, 20]])):
         assert np.allclose(out.transform.TransformPoint(tuple(p)), known.TransformPoint(tuple(p)), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["sitk-rigid", "ants-rigid", "elastix-rigid"])
+def test_a_backend_writes_nothing_into_the_current_directory(name, icbm4, tmp_path, monkeypatch):
+    # itk-elastix's transformix drops deformationField.mha into the working directory unless told otherwise.
+    preset = PRESETS[name]
+    if not available(preset.backend):
+        pytest.skip(get_backend(preset.backend).availability()[1])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    get_backend(preset.backend).run(preset, icbm4["t1"], icbm4["t1"], tmp_path / "work", threads=2)
+    assert list(cwd.iterdir()) == []

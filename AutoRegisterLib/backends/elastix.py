@@ -132,7 +132,7 @@ class ElastixBackend(Backend):
         if exe:
             field = _run_executable(exe, maps, fixed, moving, workdir, threads)
         else:
-            field = _run_itk(maps, fixed, moving, threads)
+            field = _run_itk(maps, fixed, moving, workdir, threads)
         if preset.transform_type == "deformable":
             return field_transform_from_image(field)
         return affine_from_field(field)
@@ -181,7 +181,7 @@ def parameter_map(stage: str, params: dict, dim: int) -> dict:
     return m
 
 
-def _run_itk(maps: list, fixed: Image, moving: Image, threads: int):
+def _run_itk(maps: list, fixed: Image, moving: Image, workdir: Path, threads: int):
     """Run itk-elastix in-process; return the chain's deformation field as a SimpleITK image."""
     import itk
 
@@ -193,7 +193,9 @@ def _run_itk(maps: list, fixed: Image, moving: Image, threads: int):
     mv = to_itk(moving.astype(np.float32))
     # number_of_threads is deliberately not passed: itk-elastix crashes with it on B-spline chains.
     _, result = itk.elastix_registration_method(f, mv, parameter_object=po, log_to_console=False)
-    field = itk.transformix_deformation_field(mv, result)
+    # Without an output directory transformix writes deformationField.mha into the current directory.
+    workdir.mkdir(parents=True, exist_ok=True)
+    field = itk.transformix_deformation_field(mv, result, output_directory=str(workdir))
     return _itk_field_to_sitk(field)
 
 
