@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import tempfile
 import threading
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from worker_faults import HANGING, on_start
 
 from AutoRegisterLib.data import point_error_mm
 from AutoRegisterLib.errors import Cancelled
@@ -19,9 +21,6 @@ from AutoRegisterLib.presets import TABLES_DIR
 from AutoRegisterLib.scoring import head_mask
 
 BROKEN = {"name": "broken", "backend": "sitk", "transform_type": "rigid", "params": {"iterations": "many"}}
-# SyN with thousands of iterations per level runs for minutes at any size: a reliable hang.
-SLOW = {"name": "slow-syn", "backend": "ants", "transform_type": "deformable",
-        "params": {"type_of_transform": "SyN", "reg_iterations": [5000, 5000, 5000]}}
 
 
 def _table(tmp_path: Path, presets, name="t.json") -> Path:
@@ -57,9 +56,9 @@ def test_race_keeps_an_accurate_result_and_reports_every_measure(rigid_case4):
 def test_failing_and_timed_out_presets_do_not_stop_the_others(rigid_case4, tmp_path):
     case = rigid_case4
     before = _our_temp_dirs()
-    table = _table(tmp_path, ["sitk-rigid", BROKEN, SLOW])
+    table = _table(tmp_path, ["sitk-rigid", BROKEN, HANGING])
     t0 = time.perf_counter()
-    result = auto_register(case.fixed, case.moving, table=table, timeout_s=8, jobs=2)
+    result = auto_register(case.fixed, case.moving, table=table, timeout_s=8, jobs=2, progress=on_start("slow-syn"))
     by_name = {c.name: c for c in result.candidates}
     assert by_name["broken"].status == "failed" and "iterations" in by_name["broken"].error
     assert by_name["slow-syn"].status == "timeout" and "timed out after 8 s" in by_name["slow-syn"].error
@@ -72,18 +71,9 @@ def test_failing_and_timed_out_presets_do_not_stop_the_others(rigid_case4, tmp_p
 
 def test_a_killed_worker_is_reported_and_the_others_finish(rigid_case4, tmp_path):
     case = rigid_case4
-    table = _table(tmp_path, ["sitk-rigid", SLOW])
-
-    def kill_victim(event):
-        if event["event"] == "start" and event["candidate"] == "slow-syn":
-            def later():
-                time.sleep(1.0)
-                for child in psutil.Process().children(recursive=True):
-                    if any("slow-syn" in part for part in child.cmdline()):
-                        child.kill()
-            threading.Thread(target=later, daemon=True).start()
-
-    result = auto_register(case.fixed, case.moving, table=table, timeout_s=60, jobs=2, progress=kill_victim)
+    table = _table(tmp_path, ["sitk-rigid", HANGING])
+    result = auto_register(case.fixed, case.moving, table=table, timeout_s=60, jobs=2,
+                           progress=on_start("slow-syn", signum=signal.SIGKILL))
     by_name = {c.name: c for c in result.candidates}
     assert by_name["slow-syn"].status == "failed"
     assert "SIGKILL" in by_name["slow-syn"].error
@@ -94,11 +84,12 @@ def test_cancel_kills_every_worker_and_leaves_no_temporary_files(rigid_case4, tm
     case = rigid_case4
     before = _our_temp_dirs()
     cancel = threading.Event()
-    table = _table(tmp_path, [SLOW, dict(SLOW, name="slow-2")])
+    table = _table(tmp_path, [HANGING, dict(HANGING, name="slow-2")])
     threading.Timer(2.0, cancel.set).start()
     t0 = time.perf_counter()
     with pytest.raises(Cancelled):
-        auto_register(case.fixed, case.moving, table=table, timeout_s=120, jobs=2, cancel=cancel)
+        auto_register(case.fixed, case.moving, table=table, timeout_s=120, jobs=2, cancel=cancel,
+                      progress=on_start("slow-syn", "slow-2"))
     assert time.perf_counter() - t0 < 10
     assert not psutil.Process().children(recursive=True)
     assert _our_temp_dirs() == before

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import psutil
 import pytest
 import SimpleITK as sitk
+from worker_faults import HANGING, freeze_from_progress_json, on_start
 
 from AutoRegisterLib.errors import Cancelled, InputError
 from AutoRegisterLib.image import from_numpy, read_image, resample_to_grid, write_image
@@ -35,9 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SPACING = (3.0, 3.0, 3.0)
 SHIFT_VOX = (1, 2, 0)  # (z, y, x) voxels the moving blob is shifted by: fixed->moving is +SHIFT_VOX
 OUTPUT_FILES = {"transform.tfm", "warped.nii.gz", "report.png", "result.json"}
-# SyN with thousands of iterations per level runs for minutes at any size: a reliable hang.
-SLOW = {"name": "slow-syn", "backend": "ants", "transform_type": "deformable",
-        "params": {"type_of_transform": "SyN", "reg_iterations": [5000, 5000, 5000]}}
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -122,11 +119,20 @@ def private_tmp(tmp_path, monkeypatch):
     return folder
 
 
+def _cli_env(tmpdir: Path, env_extra=None) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir), **(env_extra or {})}
+
+
 def run_cli(*args, tmpdir: Path, env_extra=None, timeout=240):
     """`python -m AutoRegisterLib ARGS` with an argument list (never a shell) and its own TMPDIR."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir), **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "AutoRegisterLib", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=_cli_env(tmpdir, env_extra))
+
+
+def start_cli(*args, tmpdir: Path) -> subprocess.Popen:
+    """`run_cli` in the background, with stdout and stderr as text pipes."""
+    return subprocess.Popen([sys.executable, "-m", "AutoRegisterLib", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_cli_env(tmpdir))
 
 
 def assert_user_error(proc, fragment: str) -> None:
@@ -415,24 +421,11 @@ def test_images_smaller_than_the_scoring_window_finish_with_a_reason_for_every_p
 
 # --- faults ----------------------------------------------------------------------------------------
 
-def _signal_worker_when_started(name: str, signum: int, delay_s: float = 1.0):
-    """A progress callback that sends `signum` to the worker of preset `name` shortly after it starts."""
-    def on_event(event):
-        if event["event"] == "start" and event["candidate"] == name:
-            def later():
-                time.sleep(delay_s)
-                for child in psutil.Process().children(recursive=True):
-                    if any(name in part for part in child.cmdline()):
-                        child.send_signal(signum)
-            threading.Thread(target=later, daemon=True).start()
-    return on_event
-
-
 def test_an_aborted_worker_is_reported_and_the_run_still_writes_a_complete_result(private_tmp, tmp_path):
     fixed, moving = pair()
     out = tmp_path / "out"
-    result = auto_register(fixed, moving, table=table_file(tmp_path, [SLOW, "sitk-rigid"]), jobs=2, timeout_s=60,
-                           out_dir=out, progress=_signal_worker_when_started("slow-syn", signal.SIGABRT))
+    result = auto_register(fixed, moving, table=table_file(tmp_path, [HANGING, "sitk-rigid"]), jobs=2, timeout_s=60,
+                           out_dir=out, progress=on_start("slow-syn", signum=signal.SIGABRT))
     by_name = {c.name: c for c in result.candidates}
     assert by_name["slow-syn"].status == "failed" and "SIGABRT" in by_name["slow-syn"].error
     assert result.best.name == "sitk-rigid"
@@ -446,10 +439,15 @@ def test_a_hanging_preset_times_out_on_the_command_line_without_orphans(files, t
     scratch.mkdir()
     out = tmp_path / "out"
     t0 = time.perf_counter()
-    proc = run_cli(files / "fixed.nii.gz", files / "moving.nii.gz", "--out", out, "--table",
-                   table_file(tmp_path, [SLOW, "sitk-rigid"]), "--timeout", "4", "--jobs", "2", "--quiet",
-                   tmpdir=scratch)
-    assert proc.returncode == 0, proc.stderr
+    cli = start_cli(files / "fixed.nii.gz", files / "moving.nii.gz", "--out", out, "--table",
+                    table_file(tmp_path, [HANGING, "sitk-rigid"]), "--timeout", "4", "--jobs", "2", "--progress-json",
+                    tmpdir=scratch)
+    try:
+        freeze_from_progress_json(cli, ["slow-syn"])
+        _, stderr = cli.communicate(timeout=60)
+    finally:
+        cli.kill()
+    assert cli.returncode == 0, stderr
     assert time.perf_counter() - t0 < 60
     statuses = {c["name"]: (c["status"], c["error"]) for c in assert_complete(out)["candidates"]}
     assert statuses["slow-syn"] == ("timeout", "timed out after 4 s")
@@ -513,8 +511,8 @@ def test_cancel_mid_run_writes_nothing_and_leaves_nothing_behind(private_tmp, tm
     out = tmp_path / "out"
     started = time.perf_counter()
     with pytest.raises(Cancelled):
-        auto_register(fixed, moving, table=table_file(tmp_path, [SLOW, "sitk-rigid"]), jobs=2, out_dir=out,
-                      cancel=lambda: time.perf_counter() - started > 2.0)
+        auto_register(fixed, moving, table=table_file(tmp_path, [HANGING, "sitk-rigid"]), jobs=2, out_dir=out,
+                      cancel=lambda: time.perf_counter() - started > 2.0, progress=on_start("slow-syn"))
     assert time.perf_counter() - started < 15
     assert not out.exists()
     assert_no_leftovers(private_tmp, out)
@@ -525,17 +523,11 @@ def test_ctrl_c_on_the_command_line_exits_130_writes_nothing_and_kills_every_wor
     scratch.mkdir()
     out = tmp_path / "out"
     before = digest(files / "fixed.nii.gz"), digest(files / "moving.nii.gz")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(scratch))
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "AutoRegisterLib", str(files / "fixed.nii.gz"), str(files / "moving.nii.gz"),
-         "--out", str(out), "--table", str(table_file(tmp_path, [SLOW, dict(SLOW, name="slow-2")])),
-         "--progress-json", "--jobs", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    cli = start_cli(files / "fixed.nii.gz", files / "moving.nii.gz", "--out", out, "--table",
+                    table_file(tmp_path, [HANGING, dict(HANGING, name="slow-2")]), "--progress-json", "--jobs", "2",
+                    tmpdir=scratch)
     try:
-        for line in cli.stdout:  # wait until both workers run
-            if json.loads(line)["event"] == "start" and json.loads(line)["candidate"] == "slow-2":
-                break
-        time.sleep(1.0)
+        freeze_from_progress_json(cli, ["slow-syn", "slow-2"])  # both workers hang, mid-run
         assert len(workers_mentioning(str(scratch))) >= 2
         cli.send_signal(signal.SIGINT)
         rest, stderr = cli.communicate(timeout=30)
