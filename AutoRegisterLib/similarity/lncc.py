@@ -22,6 +22,9 @@ Numerics (why the naive formula fails, and what we do instead):
 Boundaries: ``"valid"`` (default) clips windows to the image and counts only in-image voxels, as ANTs
 does; with a mask, N = box(mask), so only voxels inside the mask count. ``"zeros"`` reproduces
 VoxelMorph's NCC exactly: raw values, zero padding, N = w^d everywhere and 1e-5 added to varF·varM.
+It inherits VoxelMorph's conditioning too: on raw values of magnitude V the float64 rounding of the sums,
+about 1e-16·V²·w^d, is divided by sqrt(1e-5) in flat windows, so it is meant for intensities scaled to
+[0, 1] (as VoxelMorph's are); on CT in HU or large offsets use ``"valid"``, which standardizes first.
 
 Engines (``engine=``; all exact to float64 rounding, so they differ only in speed and memory):
 
@@ -230,16 +233,9 @@ class LNCCLoss(nn.Module):
     ``LNCCLoss(window=9, boundary="zeros")`` replaces ``voxelmorph.losses.NCC().loss``; ``"valid"``
     clips windows to the image as ANTs does. Flat windows count as cc = 0.
 
-    Engines (``engine=``; all exact to float64 rounding, so they differ only in speed and memory):
+    Every engine of ``lncc`` can be forced with ``engine=``; they agree to float64 rounding.
 
-* ``"fft"``, ``"running_sum"``, ``"grouped_conv"``: torch box filters (one batched FFT, separable
-  prefix sums, FastLNCC's grouped convolution) in float64, differentiated by autograd.
-* ``"fused_cpu"`` (numba, the ``[fast]`` extra): the whole forward and backward streamed plane by
-  plane with float64 running sums, in parallel; forward + backward needs about one float32 volume
-  beyond its inputs (the gradient) plus cache-sized ring buffers. The default on CPU.
-* ``"cupy"`` (the ``[cuda]`` extra): the same computation as CuPy kernels; the default on CUDA.
-
-References: Avants et al., NeuroImage 2011 (ANTs CC); Balakrishnan et al., IEEE TMI 2019
+    References: Avants et al., NeuroImage 2011 (ANTs CC); Balakrishnan et al., IEEE TMI 2019
     (VoxelMorph); MONAI's LocalNormalizedCrossCorrelationLoss for the argument conventions.
     """
 
