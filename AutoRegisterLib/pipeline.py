@@ -132,8 +132,18 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 class _Job:
     preset: Preset
     folder: Path
-    proc: subprocess.Popen | None = None
     started: float = 0.0
+
+
+@dataclass
+class _Lane:
+    """One worker process and the preset it runs; it keeps the toolkits it has loaded for the next preset."""
+
+    index: int
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+    backends: set = field(default_factory=set)
+    job: _Job | None = None
 
 
 def prepare_input(image: Image, name: str) -> Image:
@@ -150,81 +160,126 @@ def prepare_input(image: Image, name: str) -> Image:
 
 
 class Runner:
-    """Runs presets in parallel worker processes with timeouts, progress and cancel."""
+    """Runs presets on `jobs` worker processes in parallel, with timeouts, progress and cancel.
 
-    def __init__(self, jobs: int, threads_per_job: int, timeout_s: float | None, progress=None, cancel=None,
-                 memory_limit_mb: int | None = None):
+    Workers live as long as the runner (use it as a context manager), so a later round of the race finds
+    its toolkits already loaded; a preset goes to a worker that has loaded its backend when one is free.
+    """
+
+    def __init__(self, jobs: int, threads_per_job: int, timeout_s: float | None, run_dir: Path, progress=None,
+                 cancel=None, memory_limit_mb: int | None = None):
         """`progress(event_dict)` is called from this thread; `cancel` is an Event or a callable.
 
-        `memory_limit_mb` caps each worker's address space (posix), so a preset that needs more fails
-        with "out of memory" instead of taking the machine down; None means no cap.
+        Workers run in `run_dir`. `memory_limit_mb` caps each worker's address space (posix), so a preset
+        that needs more fails with "out of memory" instead of taking the machine down; None means no cap.
         """
-        self.jobs = max(1, int(jobs))
         self.threads_per_job = max(1, int(threads_per_job))
         self.timeout_s = timeout_s
+        self.run_dir = Path(run_dir)
         self.progress = progress or (lambda event: None)
         self.cancel = cancel
         self.memory_limit_mb = memory_limit_mb
+        self.lanes = [_Lane(i) for i in range(max(1, int(jobs)))]
 
-    def _start(self, job: _Job, fixed_path: Path, moving_path: Path) -> None:
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every worker (idle ones included) and everything they started."""
+        for lane in self.lanes:
+            if lane.proc is not None:
+                _kill_tree(lane.proc)
+                if lane.proc.stdin:
+                    lane.proc.stdin.close()
+                lane.proc = None
+
+    def _spawn(self, lane: _Lane) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "AutoRegisterLib.worker", "--threads", str(self.threads_per_job),
+               "--run-dir", str(self.run_dir)]
+        if self.memory_limit_mb is not None:
+            cmd += ["--memory-limit-mb", str(int(self.memory_limit_mb))]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+        env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.threads_per_job)
+        lane.log = self.run_dir / f"worker-{lane.index}-{time.monotonic_ns()}.log"
+        with open(lane.log, "wb") as log:
+            lane.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=(os.name == "posix"), cwd=str(self.run_dir), text=True)
+        lane.backends = set()
+
+    def _submit(self, lane: _Lane, job: _Job, fixed_path: Path, moving_path: Path) -> None:
         job.folder.mkdir(parents=True, exist_ok=True)
         spec = {"preset": job.preset.to_dict(), "fixed": str(fixed_path), "moving": str(moving_path),
                 "out": str(job.folder), "threads": self.threads_per_job, "memory_limit_mb": self.memory_limit_mb}
         spec_path = job.folder / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-        env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.threads_per_job)
-        log = open(job.folder / "worker.log", "wb")
+        if lane.proc is None or lane.proc.poll() is not None:
+            self._spawn(lane)
         try:
-            job.proc = subprocess.Popen(
-                [sys.executable, "-m", "AutoRegisterLib.worker", str(spec_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=(os.name == "posix"), cwd=str(job.folder),
-            )
-        finally:
-            log.close()
+            lane.proc.stdin.write(f"{spec_path}\n")
+            lane.proc.stdin.flush()
+        except OSError:  # the worker died while idle: the preset gets a fresh one
+            _kill_tree(lane.proc)
+            self._spawn(lane)
+            lane.proc.stdin.write(f"{spec_path}\n")
+            lane.proc.stdin.flush()
+        lane.backends.add(job.preset.backend)
+        lane.job = job
         job.started = time.perf_counter()
+
+    def _finished(self, lane: _Lane) -> dict | None:
+        """The status of the lane's job once it has ended (None while it runs); a dead worker is let go."""
+        job = lane.job
+        elapsed = time.perf_counter() - job.started
+        status_file = job.folder / "status.json"
+        if status_file.exists():
+            return _read_status(job.folder, 0, elapsed, lane.log)
+        code = lane.proc.poll()
+        if code is None and self.timeout_s is not None and elapsed > self.timeout_s:
+            _kill_tree(lane.proc)
+            lane.proc = None
+            return {"status": "timeout", "seconds": elapsed, "error": f"timed out after {self.timeout_s:g} s"}
+        if code is None:
+            return None
+        lane.proc = None
+        return _read_status(job.folder, code, elapsed, lane.log)
 
     def run(self, presets: list[Preset], fixed_path: Path, moving_path: Path, workdir: Path, on_done) -> None:
         """Run every preset; `on_done(preset, status_dict, folder)` is called as each one ends."""
         order = sorted(presets, key=lambda p: -EXPECTED_COST.get(p.transform_type, 1.0))
         pending = [_Job(p, workdir / f"{i:02d}-{p.name}") for i, p in enumerate(order)]
-        running: list[_Job] = []
         total, finished = len(pending), 0
         try:
-            while pending or running:
+            while pending or any(lane.job for lane in self.lanes):
                 if _is_cancelled(self.cancel):
                     raise Cancelled("registration cancelled")
-                while pending and len(running) < self.jobs:
-                    job = pending.pop(0)
-                    self._start(job, fixed_path, moving_path)
-                    running.append(job)
-                    self.progress({"event": "start", "candidate": job.preset.name, "fraction": finished / total})
-                for job in list(running):
-                    elapsed = time.perf_counter() - job.started
-                    code = job.proc.poll()
-                    if code is None and self.timeout_s is not None and elapsed > self.timeout_s:
-                        _kill_tree(job.proc)
-                        status = {"status": "timeout", "seconds": elapsed,
-                                  "error": f"timed out after {self.timeout_s:g} s"}
-                    elif code is None:
+                for lane in self.lanes:
+                    if lane.job is None and pending:
+                        # A worker that has loaded this backend saves loading it again.
+                        job = next((j for j in pending if j.preset.backend in lane.backends), pending[0])
+                        pending.remove(job)
+                        self._submit(lane, job, fixed_path, moving_path)
+                        self.progress({"event": "start", "candidate": job.preset.name, "pid": lane.proc.pid,
+                                       "fraction": finished / total})
+                for lane in self.lanes:
+                    if lane.job is None or (status := self._finished(lane)) is None:
                         continue
-                    else:
-                        status = _read_status(job.folder, code, elapsed)
-                    running.remove(job)
+                    job, lane.job = lane.job, None
                     finished += 1
                     on_done(job.preset, status, job.folder)
                     self.progress({"event": "finish", "candidate": job.preset.name, "status": status["status"],
                                    "fraction": finished / total})
                 time.sleep(0.05)
         except BaseException:
-            for job in running:
-                _kill_tree(job.proc)
+            self.close()
             raise
 
 
-def _read_status(folder: Path, exit_code: int, elapsed: float) -> dict:
+def _read_status(folder: Path, exit_code: int, elapsed: float, log: Path | None) -> dict:
     status_file = folder / "status.json"
     if status_file.exists():
         try:
@@ -238,8 +293,7 @@ def _read_status(folder: Path, exit_code: int, elapsed: float) -> dict:
             reason = f"worker killed by signal {-exit_code}"
     else:
         reason = f"worker exited with code {exit_code}"
-    log = folder / "worker.log"
-    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log and log.exists() else []
     if any("MemoryError" in t or "bad_alloc" in t for t in tail):
         reason += " (out of memory)"
     return {"status": "failed", "seconds": elapsed, "error": reason + (f": {tail[0][:200]}" if tail else "")}
@@ -366,22 +420,17 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         else:
             candidates[p.name].status, candidates[p.name].error = "unavailable", reason
     jobs = max(1, min(int(jobs or ncores), max(1, len(runnable))))
-
-    def runner_for(n_presets: int) -> Runner:
-        n_jobs = max(1, min(jobs, n_presets))
-        return Runner(n_jobs, threads_per_job or max(1, ncores // n_jobs), timeout_s, progress_cb, cancel,
-                      memory_limit_mb)
-
     racing = chosen.racing if chosen.racing and len(runnable) > chosen.racing["keep"] else None
     tmp = Path(tempfile.mkdtemp(prefix="autoregister-"))
     try:
-        try:
+        with Runner(jobs, threads_per_job or max(1, ncores // jobs), timeout_s, tmp / "workers", progress_cb,
+                    cancel, memory_limit_mb) as runner:
             if racing:
                 factor = racing["coarse_shrink"]
                 coarse_fixed = shrink(fixed_f, factor)
                 coarse = _Round(coarse_fixed, shrink(moving_f, factor), head_mask(coarse_fixed, fixed_modality),
                                 settings, device_name, candidates, progress_cb)
-                coarse.run(runner_for(len(runnable)), runnable, tmp / "coarse")
+                coarse.run(runner, runnable, tmp / "coarse")
                 kept = {c.name for c in _ranked([candidates[p.name] for p in runnable], settings)[: racing["keep"]]}
                 for p in runnable:
                     cand = candidates[p.name]
@@ -393,9 +442,9 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
                 progress_cb({"event": "round", "round": "full", "candidates": sorted(kept)})
             full = _Round(fixed_f, moving_f, head_mask(fixed_f, fixed_modality), settings, device_name,
                           candidates, progress_cb)
-            full.run(runner_for(len(runnable)), runnable, tmp / "full")
-        except KeyboardInterrupt:
-            raise Cancelled("registration interrupted") from None
+            full.run(runner, runnable, tmp / "full")
+    except KeyboardInterrupt:
+        raise Cancelled("registration interrupted") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,12 +1,17 @@
-"""A worker process runs exactly one preset: ``python -m AutoRegisterLib.worker SPEC.json``.
+"""A worker process runs presets, one at a time: ``python -m AutoRegisterLib.worker --threads N``.
 
-Running each preset in its own process lets a crash, a hang or an out-of-memory kill take down only
-that preset, and lets Cancel kill the whole tree. The worker writes its transform and a status file
-into its own folder; the parent reads them. A missing status file means the worker died.
+It reads spec file paths from stdin, one per line, and runs each until stdin closes. Each preset writes its transform and a status file into its own folder;
+the parent reads them, and a status file that never appears means the worker died.
+
+Running presets in worker processes lets a crash, a hang or an out-of-memory kill take down only the
+preset that was running, and lets Cancel kill the whole tree. A worker serves several presets in turn
+because loading a toolkit costs more than a small registration (itk-elastix: about 11 s, antspyx: about
+2 s here), so the runner hands presets of a toolkit to the worker that has already loaded it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -90,20 +95,30 @@ def limit_memory(megabytes) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def serve(lines) -> None:
+    """Run the spec at each path in `lines` (stdin for a served worker), in order, until they end."""
+    for line in lines:
+        if line.strip():
+            run_spec(json.loads(Path(line.strip()).read_text()))
+
+
 def main(argv=None) -> int:
     """Entry point of a worker process."""
-    argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(Path(argv[0]).read_text())
-    threads = str(int(spec.get("threads", 1)))
+    p = argparse.ArgumentParser(prog="python -m AutoRegisterLib.worker",
+                                description="Run the spec files whose paths arrive on stdin, one per line.")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory-limit-mb", type=int)
+    p.add_argument("--run-dir", help="the run this worker belongs to (so process lists show it)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
     # Must be set before ITK/ANTs load: they read it once at start-up.
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                 "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = threads
+        os.environ[var] = str(max(1, args.threads))
     if os.name == "posix":
         # numpy loads before the cap: OpenBLAS retries forever when it cannot map its buffers.
         from . import image  # noqa: F401
-        limit_memory(spec.get("memory_limit_mb"))
-    run_spec(spec)
+        limit_memory(args.memory_limit_mb)
+    serve(sys.stdin)
     return 0
 
 
