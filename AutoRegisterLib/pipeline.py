@@ -351,7 +351,7 @@ class _Round:
             cand.transform = sitk.ReadTransform(str(folder / status["transform"]))
             out = warp_with(cand.transform, self.fixed, self.moving)
             measures = score_candidate(self.fixed, out.warped, out.valid_mask, self.head, self.settings,
-                                       cand.transform, device=self.device)
+                                       cand.transform, device=self.device, transform_type=cand.transform_type)
         except Exception as exc:  # scoring one candidate must not end the others
             cand.status, cand.error = "failed", f"scoring failed: {type(exc).__name__}: {exc}"[:500]
             return

@@ -44,6 +44,10 @@ class ScoringSettings:
     min_jacobian: float = -0.5
     mi_vote: bool = False
     tie_tolerance: float = 0.002
+    # Each level of flexibility (rigid 0, affine 1, deformable 2) costs this fraction of the score: on
+    # multi-modal pairs an MI-driven B-spline scored 0.3-3 % above the exact linear result while bending
+    # anatomy (benchmarks/selection.py; 3 % is the smallest value right on all 18 measured cases).
+    complexity_penalty: float = 0.03
 
     def to_dict(self) -> dict:
         """Plain-data form for result.json."""
@@ -144,6 +148,9 @@ def _parse_scoring(raw, path) -> ScoringSettings:
                  f"scoring.{name}", f"must be a number in [0, 1], got {v!r}")
     for name in ("min_jacobian", "tie_tolerance"):
         _require(isinstance(getattr(s, name), (int, float)), path, f"scoring.{name}", "must be a number")
+    p = s.complexity_penalty
+    _require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 0.25, path,
+             "scoring.complexity_penalty", f"must be a number in [0, 0.25] (a fraction per level), got {p!r}")
     for name in ("coverage_weight", "mi_vote"):
         _require(isinstance(getattr(s, name), bool), path, f"scoring.{name}", "must be true or false")
     return s

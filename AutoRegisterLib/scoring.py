@@ -2,7 +2,8 @@
 
 The design follows the measurements in ../shared/SCORING.md:
 
-* score = mean LNCC² over (valid moving domain ∩ fixed head mask) × coverage of that head mask.
+* score = mean LNCC² over (valid moving domain ∩ fixed head mask) × coverage of that head mask
+  × (1 − complexity_penalty × level), level 0 for rigid, 1 for affine, 2 for deformable.
   Averaging over the intersection alone rewards a transform that pushes hard regions out of the
   moving domain; multiplying by coverage of a mask fixed by the *fixed* image removes that incentive
   (0–1 of 144 overlap-gaming fakes picked, against 66 for plain intersection LNCC²).
@@ -20,8 +21,14 @@ import numpy as np
 from .image import Image, to_sitk
 from .presets import ScoringSettings
 
-#: Simpler transforms win ties.
+#: Flexibility levels: simpler transforms win ties, and each level costs ``complexity_penalty`` of the score.
 COMPLEXITY = {"rigid": 0, "affine": 1, "deformable": 2}
+
+
+def combined_score(similarity: float, coverage: float, transform_type: str | None, settings: ScoringSettings) -> float:
+    """The number candidates are ranked by: similarity × head coverage × (1 − penalty × complexity level)."""
+    score = similarity * coverage if settings.coverage_weight else similarity
+    return score * (1.0 - settings.complexity_penalty * COMPLEXITY.get(transform_type, 0))
 
 
 def head_mask(fixed: Image, modality: str | None = None) -> np.ndarray:
@@ -82,8 +89,12 @@ def jacobian_determinant(transform, grid: Image, region: np.ndarray | None = Non
 
 
 def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.ndarray,
-                    settings: ScoringSettings, transform=None, device: str = "cpu") -> dict:
-    """All measures of one candidate, and why it is disqualified (None when it is not)."""
+                    settings: ScoringSettings, transform=None, device: str = "cpu",
+                    transform_type: str | None = None) -> dict:
+    """All measures of one candidate, and why it is disqualified (None when it is not).
+
+    `transform_type` (rigid, affine, deformable) sets the complexity penalty; None means no penalty.
+    """
     from .similarity import lncc, mutual_information, zncc, zncc_map
 
     f = np.asarray(fixed.array, dtype=np.float32)
@@ -109,8 +120,8 @@ def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.nda
     out["zncc_local"] = float(zncc_map(f, m, window=w, mask=mask, reduction="mean"))
     out["zncc"] = float(zncc(f, m, mask=mask))
     out["mi"] = float(mutual_information(f.cpu().numpy(), m.cpu().numpy(), mask=region))
-    base = out["lncc"] if settings.metric == "lncc" else out["mi"]
-    out["score"] = base * coverage if settings.coverage_weight else base
+    out["score"] = combined_score(out["lncc"] if settings.metric == "lncc" else out["mi"], coverage,
+                                  transform_type, settings)
     det = jacobian_determinant(transform, fixed, head) if transform is not None else np.ones(1)
     out["folding_fraction"] = float((det <= 0).mean()) if det.size else 0.0
     out["min_jacobian"] = float(det.min()) if det.size else 1.0

@@ -54,6 +54,7 @@ def _write(tmp_path, **overrides):
     ({"scoring": {"window_voxels": 4}}, "scoring.window_voxels"),
     ({"scoring": {"min_coverage": 1.5}}, "scoring.min_coverage"),
     ({"scoring": {"windw": 5}}, "scoring.windw"),
+    ({"scoring": {"complexity_penalty": 0.6}}, "scoring.complexity_penalty"),
     ({"presets": [{"name": "x", "backend": "fsl", "transform_type": "rigid"}]}, "presets[0].backend"),
     ({"presets": [{"name": "x", "backend": "ants", "transform_type": "warp"}]}, "presets[0].transform_type"),
     ({"presets": ["ants-rigid", "ants-rigid"]}, "presets"),

@@ -9,7 +9,13 @@ import SimpleITK as sitk
 from AutoRegisterLib.backends.base import warp_with
 from AutoRegisterLib.image import Image, to_sitk
 from AutoRegisterLib.presets import ScoringSettings
-from AutoRegisterLib.scoring import choose_best, head_mask, jacobian_determinant, score_candidate
+from AutoRegisterLib.scoring import (
+    choose_best,
+    combined_score,
+    head_mask,
+    jacobian_determinant,
+    score_candidate,
+)
 
 SETTINGS = ScoringSettings()
 
@@ -127,3 +133,18 @@ def test_ties_go_to_the_simpler_transform_and_mi_votes_when_asked():
     # Borda: deformable ranks 2 (score) + 1 (mi) = 3, affine 0 + 2 = 2, rigid 1 + 0 = 1.
     assert choose_best(entries, ScoringSettings(mi_vote=True)) == 0
     assert choose_best([], SETTINGS) is None
+
+
+def test_flexibility_must_earn_its_keep():
+    # A deformable result 2 % above the rigid one (a B-spline bending anatomy to fit contrast) loses;
+    # one 15 % above (a real nonlinear misalignment, as measured) wins.
+    entries = [{"score": combined_score(0.612, 1.0, "deformable", SETTINGS), "mi": 0.0, "coverage": 1.0,
+                "transform_type": "deformable"},
+               {"score": combined_score(0.600, 1.0, "rigid", SETTINGS), "mi": 0.0, "coverage": 1.0,
+                "transform_type": "rigid"}]
+    assert SETTINGS.complexity_penalty == 0.03
+    assert choose_best(entries, SETTINGS) == 1
+    entries[0]["score"] = combined_score(0.69, 1.0, "deformable", SETTINGS)
+    assert choose_best(entries, SETTINGS) == 0
+    assert combined_score(0.5, 0.8, "affine", ScoringSettings(complexity_penalty=0.0)) == pytest.approx(0.4)
+    assert combined_score(0.5, 0.8, "affine", SETTINGS) == pytest.approx(0.4 * 0.97)

@@ -41,7 +41,13 @@ from AutoRegisterLib.errors import InputError  # noqa: E402
 from AutoRegisterLib.image import Image, from_sitk, resample_to_grid, to_sitk  # noqa: E402
 from AutoRegisterLib.pipeline import auto_register  # noqa: E402
 from AutoRegisterLib.presets import TABLES_DIR, ScoringSettings, load_catalog, load_table  # noqa: E402
-from AutoRegisterLib.scoring import COMPLEXITY, choose_best, head_mask, jacobian_determinant, score_candidate  # noqa: E402
+from AutoRegisterLib.scoring import (  # noqa: E402
+    choose_best,
+    combined_score,
+    head_mask,
+    jacobian_determinant,
+    score_candidate,
+)
 
 CLASSES = {
     "rigid": {"rotation_deg": 12.0, "translation_mm": 10.0},
@@ -68,7 +74,7 @@ VARIANTS = [
     ("simpler wins within 0.005", {"tie_tolerance": 0.005}),
     ("simpler wins within 0.01", {"tie_tolerance": 0.01}),
     ("MI second vote", {"mi_vote": True}),
-    # Not a ScoringSettings field yet: a proposed rule, scores x (1 - penalty x complexity level).
+    ("no complexity penalty", {"complexity_penalty": 0.0}),
     ("complexity penalty 1%/level", {"complexity_penalty": 0.01}),
     ("complexity penalty 2%/level", {"complexity_penalty": 0.02}),
     ("complexity penalty 3%/level", {"complexity_penalty": 0.03}),
@@ -130,28 +136,23 @@ def raw_measures(result, masks: dict[str, np.ndarray]) -> dict:
     return out
 
 
-def rescore(measures: dict, settings: ScoringSettings) -> dict:
+def rescore(measures: dict, settings: ScoringSettings, transform_type: str) -> dict:
     """Score and verdict of one candidate under `settings`, by the rule of scoring.score_candidate."""
     m = measures[f"{settings.head_mask}/{settings.window_voxels}"]
-    base = m["lncc"] if settings.metric == "lncc" else m["mi"]
-    score = base * m["coverage"] if settings.coverage_weight else base
+    score = combined_score(m["lncc"] if settings.metric == "lncc" else m["mi"], m["coverage"], transform_type,
+                           settings)
     vetoed = (m["no_overlap"] or m["folding_fraction"] > settings.max_folding_fraction
               or m["min_jacobian"] < settings.min_jacobian or m["coverage"] < settings.min_coverage)
     return {"score": score, "mi": m["mi"], "coverage": m["coverage"], "vetoed": vetoed}
 
 
-def choose(case_record: dict, settings: ScoringSettings, complexity_penalty: float = 0.0) -> str | None:
-    """The candidate `settings` would keep among the stored ones (None when all are vetoed).
-
-    `complexity_penalty` (a proposed rule, not in the scorer) multiplies each score by
-    ``1 - penalty x level`` (rigid 0, affine 1, deformable 2) so flexibility must earn its keep.
-    """
+def choose(case_record: dict, settings: ScoringSettings) -> str | None:
+    """The candidate `settings` would keep among the stored ones (None when all are vetoed)."""
     entries, names = [], []
     for name, measures in case_record["measures"].items():
-        r = rescore(measures, settings)
+        kind = case_record["auto"]["candidates"][name]["transform_type"]
+        r = rescore(measures, settings, kind)
         if not r["vetoed"]:
-            kind = case_record["auto"]["candidates"][name]["transform_type"]
-            r["score"] *= 1.0 - complexity_penalty * COMPLEXITY.get(kind, 2)
             entries.append({**r, "transform_type": kind})
             names.append(name)
     pick = choose_best(entries, settings)
@@ -291,11 +292,10 @@ def variants_table(cases: list[dict], base: ScoringSettings) -> list[dict]:
     """Selection quality of each scorer variant, re-scoring the same stored candidates."""
     rows = []
     for label, changes in VARIANTS:
-        fields = {k: v for k, v in changes.items() if k != "complexity_penalty"}
-        settings = replace(base, **fields)
-        penalty = changes.get("complexity_penalty", 0.0)
-        stats = selection_stats(cases, [choose(c, settings, penalty) for c in cases])
-        vetoed = sum(rescore(m, settings)["vetoed"] for c in cases for m in c["measures"].values())
+        settings = replace(base, **changes)
+        stats = selection_stats(cases, [choose(c, settings) for c in cases])
+        vetoed = sum(rescore(m, settings, c["auto"]["candidates"][n]["transform_type"])["vetoed"]
+                     for c in cases for n, m in c["measures"].items())
         rows.append({"variant": label, "settings": changes, **stats, "vetoed_candidates": int(vetoed)})
     return rows
 
