@@ -35,6 +35,8 @@ from .presets import (
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 #: Rough relative cost of each transform type; longest jobs start first so the slowest preset sets the wall time.
 EXPECTED_COST = {"rigid": 1.0, "affine": 1.5, "deformable": 6.0}
+#: Seconds a fresh worker spends loading a backend's toolkit (measured here; SimpleITK is always loaded).
+TOOLKIT_LOAD_S = {"elastix": 11.0, "ants": 2.0}
 
 
 @dataclass
@@ -248,6 +250,29 @@ class Runner:
         lane.proc = None
         return _read_status(job.folder, code, elapsed, lane.log)
 
+    def _pick(self, lane: _Lane, pending: list[_Job]) -> _Job | None:
+        """The next job for an idle lane, or None when waiting is cheaper than loading a toolkit again.
+
+        First a preset whose toolkit this worker has loaded; else the costliest one whose toolkit is cheap
+        to load or held by no other worker; else one whose holder has been busy for over twice the
+        toolkit's load time (a long job: loading it again beats waiting for it).
+        """
+        own = [j for j in pending if j.preset.backend in lane.backends]
+        if own:
+            return own[0]
+        now = time.perf_counter()
+        held = {}  # backend -> how long its holder has been on its current job (0 when idle: it takes it now)
+        for other in self.lanes:
+            if other is not lane and other.proc is not None:
+                busy_s = now - other.job.started if other.job is not None else 0.0
+                for backend in other.backends:
+                    held[backend] = min(held.get(backend, float("inf")), busy_s)
+        for job in pending:
+            load_s = TOOLKIT_LOAD_S.get(job.preset.backend, 0.0)
+            if load_s == 0.0 or held.get(job.preset.backend, float("inf")) > 2 * load_s:
+                return job
+        return None
+
     def run(self, presets: list[Preset], fixed_path: Path, moving_path: Path, workdir: Path, on_done) -> None:
         """Run every preset; `on_done(preset, status_dict, folder)` is called as each one ends."""
         order = sorted(presets, key=lambda p: -EXPECTED_COST.get(p.transform_type, 1.0))
@@ -258,9 +283,7 @@ class Runner:
                 if _is_cancelled(self.cancel):
                     raise Cancelled("registration cancelled")
                 for lane in self.lanes:
-                    if lane.job is None and pending:
-                        # A worker that has loaded this backend saves loading it again.
-                        job = next((j for j in pending if j.preset.backend in lane.backends), pending[0])
+                    if lane.job is None and pending and (job := self._pick(lane, pending)) is not None:
                         pending.remove(job)
                         self._submit(lane, job, fixed_path, moving_path)
                         self.progress({"event": "start", "candidate": job.preset.name, "pid": lane.proc.pid,

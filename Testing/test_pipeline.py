@@ -111,3 +111,14 @@ def test_inputs_are_never_modified(rigid_case4):
     fixed_before, moving_before = case.fixed.array.copy(), case.moving.array.copy()
     auto_register(case.fixed, case.moving, presets=["sitk-rigid"])
     assert np.array_equal(case.fixed.array, fixed_before) and np.array_equal(case.moving.array, moving_before)
+
+
+def test_a_toolkit_is_loaded_by_one_worker_while_the_other_runs_the_rest(rigid_case4):
+    # Loading itk-elastix takes ~11 s: the second worker runs the other presets rather than load it too.
+    started = {}
+    record = lambda e: started.__setitem__(e["candidate"], e["pid"]) if e["event"] == "start" else None  # noqa: E731
+    result = auto_register(rigid_case4.fixed, rigid_case4.moving, jobs=2, progress=record,
+                           presets=["elastix-rigid", "elastix-affine", "ants-rigid", "ants-affine", "sitk-rigid"])
+    assert all(c.status == "ok" for c in result.candidates), [(c.name, c.error) for c in result.candidates]
+    assert started["elastix-rigid"] == started["elastix-affine"]
+    assert started["ants-rigid"] == started["ants-affine"] != started["elastix-rigid"]
