@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -132,8 +133,13 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 @dataclass
 class _Job:
+    """One preset on one pair of images; `on_done(preset, status, folder)` takes its result."""
+
     preset: Preset
     folder: Path
+    fixed_path: Path
+    moving_path: Path
+    on_done: object
     started: float = 0.0
 
 
@@ -146,6 +152,7 @@ class _Lane:
     log: Path | None = None
     backends: set = field(default_factory=set)
     job: _Job | None = None
+    threads: int = 1
 
 
 def prepare_input(image: Image, name: str) -> Image:
@@ -168,14 +175,18 @@ class Runner:
     its toolkits already loaded; a preset goes to a worker that has loaded its backend when one is free.
     """
 
-    def __init__(self, jobs: int, threads_per_job: int, timeout_s: float | None, run_dir: Path, progress=None,
-                 cancel=None, memory_limit_mb: int | None = None):
+    def __init__(self, jobs: int, timeout_s: float | None, run_dir: Path, progress=None, cancel=None,
+                 memory_limit_mb: int | None = None, threads_per_job: int | None = None, cores: int | None = None):
         """`progress(event_dict)` is called from this thread; `cancel` is an Event or a callable.
 
         Workers run in `run_dir`. `memory_limit_mb` caps each worker's address space (posix), so a preset
         that needs more fails with "out of memory" instead of taking the machine down; None means no cap.
+        A preset gets `threads_per_job` threads, or by default its share of the `cores` no running
+        preset uses when it starts, so the cores are not oversubscribed and a preset that starts while
+        the other workers idle gets them all.
         """
-        self.threads_per_job = max(1, int(threads_per_job))
+        self.threads_per_job = threads_per_job
+        self.cores = max(1, int(cores or os.cpu_count() or 1))
         self.timeout_s = timeout_s
         self.run_dir = Path(run_dir)
         self.progress = progress or (lambda event: None)
@@ -200,23 +211,31 @@ class Runner:
 
     def _spawn(self, lane: _Lane) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "AutoRegisterLib.worker", "--threads", str(self.threads_per_job),
+        cmd = [sys.executable, "-m", "AutoRegisterLib.worker", "--threads", str(lane.threads),
                "--run-dir", str(self.run_dir)]
         if self.memory_limit_mb is not None:
             cmd += ["--memory-limit-mb", str(int(self.memory_limit_mb))]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-        env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.threads_per_job)
+        env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(lane.threads)
         lane.log = self.run_dir / f"worker-{lane.index}-{time.monotonic_ns()}.log"
         with open(lane.log, "wb") as log:
             lane.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=(os.name == "posix"), cwd=str(self.run_dir), text=True)
         lane.backends = set()
 
-    def _submit(self, lane: _Lane, job: _Job, fixed_path: Path, moving_path: Path) -> None:
+    def _threads_for(self, lane: _Lane, starting: int) -> int:
+        """Threads for a preset starting on `lane`, `starting` presets (this one included) starting now."""
+        if self.threads_per_job:
+            return max(1, int(self.threads_per_job))
+        busy = sum(other.threads for other in self.lanes if other is not lane and other.job is not None)
+        return max(1, (self.cores - busy) // max(1, starting))
+
+    def _submit(self, lane: _Lane, job: _Job, starting: int) -> None:
         job.folder.mkdir(parents=True, exist_ok=True)
-        spec = {"preset": job.preset.to_dict(), "fixed": str(fixed_path), "moving": str(moving_path),
-                "out": str(job.folder), "threads": self.threads_per_job, "memory_limit_mb": self.memory_limit_mb}
+        lane.threads = self._threads_for(lane, starting)
+        spec = {"preset": job.preset.to_dict(), "fixed": str(job.fixed_path), "moving": str(job.moving_path),
+                "out": str(job.folder), "threads": lane.threads, "memory_limit_mb": self.memory_limit_mb}
         spec_path = job.folder / "spec.json"
         spec_path.write_text(json.dumps(spec))
         if lane.proc is None or lane.proc.poll() is not None:
@@ -273,27 +292,34 @@ class Runner:
                 return job
         return None
 
-    def run(self, presets: list[Preset], fixed_path: Path, moving_path: Path, workdir: Path, on_done) -> None:
-        """Run every preset; `on_done(preset, status_dict, folder)` is called as each one ends."""
-        order = sorted(presets, key=lambda p: -EXPECTED_COST.get(p.transform_type, 1.0))
-        pending = [_Job(p, workdir / f"{i:02d}-{p.name}") for i, p in enumerate(order)]
-        total, finished = len(pending), 0
+    def run(self, jobs: list[_Job], more=None, expected: int | None = None) -> None:
+        """Run every job, each ending with its own `on_done`; `more()`, asked whenever a worker would idle
+        with nothing pending, may hand out further jobs. `expected` is the job count progress counts with."""
+        pending = sorted(jobs, key=lambda j: -EXPECTED_COST.get(j.preset.transform_type, 1.0))
+        finished = 0
         try:
-            while pending or any(lane.job for lane in self.lanes):
+            while True:
                 if _is_cancelled(self.cancel):
                     raise Cancelled("registration cancelled")
-                for lane in self.lanes:
-                    if lane.job is None and pending and (job := self._pick(lane, pending)) is not None:
+                idle = [lane for lane in self.lanes if lane.job is None]
+                if more is not None and idle and not pending:
+                    pending += more()
+                if not pending and len(idle) == len(self.lanes):
+                    break
+                for lane in idle:
+                    if pending and (job := self._pick(lane, pending)) is not None:
                         pending.remove(job)
-                        self._submit(lane, job, fixed_path, moving_path)
+                        self._submit(lane, job, starting=min(len(pending) + 1, sum(lh.job is None for lh in idle)))
+                        total = max(expected or 0, finished + len(pending) + sum(lh.job is not None for lh in self.lanes))
                         self.progress({"event": "start", "candidate": job.preset.name, "pid": lane.proc.pid,
-                                       "fraction": finished / total})
+                                       "threads": lane.threads, "fraction": finished / total})
                 for lane in self.lanes:
                     if lane.job is None or (status := self._finished(lane)) is None:
                         continue
                     job, lane.job = lane.job, None
                     finished += 1
-                    on_done(job.preset, status, job.folder)
+                    job.on_done(job.preset, status, job.folder)
+                    total = max(expected or 0, finished + len(pending) + sum(lh.job is not None for lh in self.lanes))
                     self.progress({"event": "finish", "candidate": job.preset.name, "status": status["status"],
                                    "fraction": finished / total})
                 time.sleep(0.05)
@@ -349,14 +375,22 @@ class _Round:
         self.fixed, self.moving, self.head = fixed, moving, head
         self.settings, self.device = settings, device
         self.candidates, self.progress = candidates, progress
+        self.made = 0
 
-    def run(self, runner: Runner, presets: list[Preset], workdir: Path) -> None:
-        """Run `presets` with `runner` in `workdir`, scoring each as it finishes."""
-        workdir.mkdir(parents=True, exist_ok=True)
+    def jobs(self, presets: list[Preset], workdir: Path) -> list[_Job]:
+        """Jobs running `presets` on this round's images (written once into `workdir`), scored as each ends."""
         fixed_path, moving_path = workdir / "fixed.mha", workdir / "moving.mha"
-        write_image(self.fixed, fixed_path, compress=False)
-        write_image(self.moving, moving_path, compress=False)
-        runner.run(presets, fixed_path, moving_path, workdir, self.on_done)
+        if not fixed_path.exists():
+            workdir.mkdir(parents=True, exist_ok=True)
+            write_image(self.fixed, fixed_path, compress=False)
+            write_image(self.moving, moving_path, compress=False)
+        jobs = []
+        for preset in presets:
+            self.made += 1
+            # A preset's name comes from a table: in a folder name it is one safe path component.
+            folder = workdir / f"{self.made:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', preset.name)}"
+            jobs.append(_Job(preset, folder, fixed_path, moving_path, self.on_done))
+        return jobs
 
     def on_done(self, preset: Preset, status: dict, folder: Path) -> None:
         """Record a finished worker and score its result (a scoring failure fails this candidate only)."""
@@ -400,6 +434,50 @@ def _ranked(cands: list[Candidate], settings: ScoringSettings) -> list[Candidate
     return ranked
 
 
+def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], racing: dict, fixed_modality: str,
+                         tmp: Path, progress) -> None:
+    """Every preset on images shrunk by ``coarse_shrink``; the best ``keep`` of them again at full resolution.
+
+    There is no barrier between the rounds: a worker that would idle while coarse runs are still out starts
+    the full-resolution run of the best coarse result so far. Only the final best ``keep`` count, so the
+    choice is the same as with a barrier; a run started ahead of time for a preset that drops out is
+    discarded. Candidates that drop out are reported as ``eliminated`` with their coarse score.
+    """
+    from .image import shrink
+    from .scoring import head_mask
+
+    factor, keep = racing["coarse_shrink"], racing["keep"]
+    coarse_fixed = shrink(full.fixed, factor)
+    coarse_results = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in presets}
+    coarse = _Round(coarse_fixed, shrink(full.moving, factor), head_mask(coarse_fixed, fixed_modality),
+                    full.settings, full.device, coarse_results, progress)
+    by_name = {p.name: p for p in presets}
+    started: list[str] = []
+    final: list[str] = []
+
+    def more() -> list[_Job]:
+        done = [c for c in coarse_results.values() if c.status != "pending"]
+        best = [c.name for c in _ranked(done, full.settings)[:keep]]
+        if len(done) < len(presets):
+            best = best[:1]  # a guess while coarse runs are out: one at a time
+        elif not final:
+            final.extend(best)
+            progress({"event": "round", "round": "full", "candidates": sorted(best)})
+        ahead = [n for n in best if n not in started]
+        started.extend(ahead)
+        return full.jobs([by_name[n] for n in ahead], tmp / "full")
+
+    runner.run(coarse.jobs(presets, tmp / "coarse"), more, expected=len(presets) + keep)
+    for name, coarse_cand in coarse_results.items():
+        if name in final:
+            continue
+        cand = full.candidates[name]
+        cand.__dict__.update({k: v for k, v in coarse_cand.__dict__.items() if k not in ("transform", "warped")})
+        cand.transform = cand.warped = None
+        if coarse_cand.status == "ok":
+            cand.status, cand.error = "eliminated", f"eliminated in the coarse round (score {cand.score:.4f})"
+
+
 def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_modality: str | None = None,
                   table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
                   device: str = "auto", keep_all: bool = False, out_dir=None, progress=None,
@@ -415,7 +493,6 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     `memory_limit_mb` caps each worker's address space (posix; ANTs needs about 1500 MB just to load).
     """
     from .backends import get_backend
-    from .image import shrink
     from .scoring import head_mask
 
     wall_start = time.perf_counter()
@@ -446,26 +523,14 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     racing = chosen.racing if chosen.racing and len(runnable) > chosen.racing["keep"] else None
     tmp = Path(tempfile.mkdtemp(prefix="autoregister-"))
     try:
-        with Runner(jobs, threads_per_job or max(1, ncores // jobs), timeout_s, tmp / "workers", progress_cb,
-                    cancel, memory_limit_mb) as runner:
-            if racing:
-                factor = racing["coarse_shrink"]
-                coarse_fixed = shrink(fixed_f, factor)
-                coarse = _Round(coarse_fixed, shrink(moving_f, factor), head_mask(coarse_fixed, fixed_modality),
-                                settings, device_name, candidates, progress_cb)
-                coarse.run(runner, runnable, tmp / "coarse")
-                kept = {c.name for c in _ranked([candidates[p.name] for p in runnable], settings)[: racing["keep"]]}
-                for p in runnable:
-                    cand = candidates[p.name]
-                    if p.name not in kept and cand.status == "ok":
-                        cand.status = "eliminated"
-                        cand.error = f"eliminated in the coarse round (score {cand.score:.4f})"
-                        cand.transform = cand.warped = None
-                runnable = [p for p in runnable if p.name in kept]
-                progress_cb({"event": "round", "round": "full", "candidates": sorted(kept)})
+        with Runner(jobs, timeout_s, tmp / "workers", progress_cb, cancel, memory_limit_mb, threads_per_job,
+                    ncores) as runner:
             full = _Round(fixed_f, moving_f, head_mask(fixed_f, fixed_modality), settings, device_name,
                           candidates, progress_cb)
-            full.run(runner, runnable, tmp / "full")
+            if racing:
+                _race_coarse_to_fine(runner, full, runnable, racing, fixed_modality, tmp, progress_cb)
+            else:
+                runner.run(full.jobs(runnable, tmp / "full"))
     except KeyboardInterrupt:
         raise Cancelled("registration interrupted") from None
     finally:

@@ -122,3 +122,31 @@ def test_a_toolkit_is_loaded_by_one_worker_while_the_other_runs_the_rest(rigid_c
     assert all(c.status == "ok" for c in result.candidates), [(c.name, c.error) for c in result.candidates]
     assert started["elastix-rigid"] == started["elastix-affine"]
     assert started["ants-rigid"] == started["ants-affine"] != started["elastix-rigid"]
+
+
+def test_racing_continues_only_the_best_coarse_results_at_full_resolution(rigid_case4, tmp_path):
+    case = rigid_case4
+    names = ["sitk-rigid", "ants-rigid", "ants-affine", "ants-syn"]
+    raw = json.loads((TABLES_DIR / "T2_to_T1.json").read_text())
+    raw.update(presets=names, racing={"coarse_shrink": 2, "keep": 2})
+    table = tmp_path / "racing.json"
+    table.write_text(json.dumps(raw))
+    events = []
+    result = auto_register(case.fixed, case.moving, fixed_modality="T1", moving_modality="T2", table=table, jobs=2,
+                           progress=events.append)
+    (round_event,) = [e for e in events if e["event"] == "round"]
+    kept = set(round_event["candidates"])
+    assert len(kept) == 2
+    by_name = {c.name: c for c in result.candidates}
+    for name in names:
+        if name in kept:
+            assert by_name[name].status == "ok" and by_name[name].transform is not None
+        else:
+            assert by_name[name].status == "eliminated" and by_name[name].transform is None
+            assert f"score {by_name[name].score:.4f}" in by_name[name].error
+    # Every kept preset ran twice (coarse, then full); the winner is one of them, scored at full resolution.
+    started = [e["candidate"] for e in events if e["event"] == "start"]
+    assert all(started.count(n) == 2 for n in kept) and all(started.count(n) <= 2 for n in names)
+    assert result.best.name in kept
+    assert point_error_mm(case, result.best.transform, head_mask(case.fixed, "T1")) < 1.5
+    assert result.to_dict()["inputs"]["racing"] == {"coarse_shrink": 2, "keep": 2}
