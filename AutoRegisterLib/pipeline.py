@@ -38,6 +38,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_COST = {"rigid": 1.0, "affine": 1.5, "deformable": 6.0}
 #: Seconds a fresh worker spends loading a backend's toolkit (measured here; SimpleITK is always loaded).
 TOOLKIT_LOAD_S = {"elastix": 11.0, "ants": 2.0}
+#: A toolkit that loads faster than this is loaded by any idle worker: waiting for its holder rarely pays.
+CHEAP_LOAD_S = 5.0
 
 
 @dataclass
@@ -273,8 +275,8 @@ class Runner:
         """The next job for an idle lane, or None when waiting is cheaper than loading a toolkit again.
 
         First a preset whose toolkit this worker has loaded; else the costliest one whose toolkit is cheap
-        to load or held by no other worker; else one whose holder has been busy for over twice the
-        toolkit's load time (a long job: loading it again beats waiting for it).
+        to load (``CHEAP_LOAD_S``) or held by no other worker; else one whose holder has been busy for over
+        twice the toolkit's load time (a long job: loading it again beats waiting for it).
         """
         own = [j for j in pending if j.preset.backend in lane.backends]
         if own:
@@ -288,7 +290,7 @@ class Runner:
                     held[backend] = min(held.get(backend, float("inf")), busy_s)
         for job in pending:
             load_s = TOOLKIT_LOAD_S.get(job.preset.backend, 0.0)
-            if load_s == 0.0 or held.get(job.preset.backend, float("inf")) > 2 * load_s:
+            if load_s < CHEAP_LOAD_S or held.get(job.preset.backend, float("inf")) > 2 * load_s:
                 return job
         return None
 
