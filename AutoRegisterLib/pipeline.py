@@ -299,6 +299,9 @@ class Runner:
         with nothing pending, may hand out further jobs. `expected` is the job count progress counts with."""
         pending = sorted(jobs, key=lambda j: -EXPECTED_COST.get(j.preset.transform_type, 1.0))
         finished = 0
+
+        def total() -> int:
+            return max(expected or 0, finished + len(pending) + sum(lane.job is not None for lane in self.lanes))
         try:
             while True:
                 if _is_cancelled(self.cancel):
@@ -312,18 +315,16 @@ class Runner:
                     if pending and (job := self._pick(lane, pending)) is not None:
                         pending.remove(job)
                         self._submit(lane, job, starting=min(len(pending) + 1, sum(lh.job is None for lh in idle)))
-                        total = max(expected or 0, finished + len(pending) + sum(lh.job is not None for lh in self.lanes))
                         self.progress({"event": "start", "candidate": job.preset.name, "pid": lane.proc.pid,
-                                       "threads": lane.threads, "fraction": finished / total})
+                                       "threads": lane.threads, "fraction": finished / total()})
                 for lane in self.lanes:
                     if lane.job is None or (status := self._finished(lane)) is None:
                         continue
                     job, lane.job = lane.job, None
                     finished += 1
                     job.on_done(job.preset, status, job.folder)
-                    total = max(expected or 0, finished + len(pending) + sum(lh.job is not None for lh in self.lanes))
                     self.progress({"event": "finish", "candidate": job.preset.name, "status": status["status"],
-                                   "fraction": finished / total})
+                                   "fraction": finished / total()})
                 time.sleep(0.05)
         except BaseException:
             self.close()
