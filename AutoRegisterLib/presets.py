@@ -45,7 +45,7 @@ class ScoringSettings:
     mi_vote: bool = False
     tie_tolerance: float = 0.002
     # Each level of flexibility (rigid 0, affine 1, deformable 2) costs this fraction of the score: on
-    # multi-modal pairs an MI-driven B-spline scored 0.3-3 % above the exact linear result while bending
+    # multi-modal pairs an MI-driven B-spline scored 0.3-4 % above the exact linear result while bending
     # anatomy (benchmarks/selection.py; 3 % is the smallest value right on all 18 measured cases).
     complexity_penalty: float = 0.03
 

@@ -1,7 +1,8 @@
 """A worker process runs presets, one at a time: ``python -m AutoRegisterLib.worker --threads N``.
 
-It reads spec file paths from stdin, one per line, and runs each until stdin closes. Each preset writes its transform and a status file into its own folder;
-the parent reads them, and a status file that never appears means the worker died.
+It reads spec file paths from stdin, one per line, and runs each until stdin closes. Each preset writes
+its transform and a status file into its own folder; the parent reads them, and a status file that never
+appears means the worker died.
 
 Running presets in worker processes lets a crash, a hang or an out-of-memory kill take down only the
 preset that was running, and lets Cancel kill the whole tree. A worker serves several presets in turn
