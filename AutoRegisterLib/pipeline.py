@@ -456,23 +456,24 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], ra
                     full.settings, full.device, coarse_results, progress)
     by_name = {p.name: p for p in presets}
     started: list[str] = []
-    final: list[str] = []
+    kept: list[str] | None = None  # the final best `keep`, once every coarse run has ended
 
     def more() -> list[_Job]:
+        nonlocal kept
         done = [c for c in coarse_results.values() if c.status != "pending"]
         best = [c.name for c in _ranked(done, full.settings)[:keep]]
         if len(done) < len(presets):
             best = best[:1]  # a guess while coarse runs are out: one at a time
-        elif not final:
-            final.extend(best)
-            progress({"event": "round", "round": "full", "candidates": sorted(best)})
+        elif kept is None:
+            kept = best
+            progress({"event": "round", "round": "full", "candidates": sorted(kept)})
         ahead = [n for n in best if n not in started]
         started.extend(ahead)
         return full.jobs([by_name[n] for n in ahead], tmp / "full")
 
     runner.run(coarse.jobs(presets, tmp / "coarse"), more, expected=len(presets) + keep)
     for name, coarse_cand in coarse_results.items():
-        if name in final:
+        if name in (kept or ()):
             continue
         cand = full.candidates[name]
         cand.__dict__.update({k: v for k, v in coarse_cand.__dict__.items() if k not in ("transform", "warped")})
