@@ -16,6 +16,8 @@ The design follows the measurements in ../shared/SCORING.md:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from .image import Image, to_sitk
@@ -23,6 +25,23 @@ from .presets import ScoringSettings
 
 #: Flexibility levels: simpler transforms win ties, and each level costs ``complexity_penalty`` of the score.
 COMPLEXITY = {"rigid": 0, "affine": 1, "deformable": 2}
+
+
+@contextmanager
+def thread_limit(threads: int):
+    """Score on at most `threads` threads (torch, the numba kernels, which follow torch, and ITK); restored after."""
+    import SimpleITK as sitk
+    import torch
+
+    threads = max(1, int(threads))
+    old_torch, old_itk = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_torch)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old_itk)
 
 
 def combined_score(similarity: float, coverage: float, transform_type: str | None, settings: ScoringSettings) -> float:
@@ -64,28 +83,52 @@ def _linear_matrix(transform, dim: int) -> np.ndarray:
 
 def jacobian_determinant(transform, grid: Image, region: np.ndarray | None = None) -> np.ndarray:
     """Jacobian determinant of a fixed->moving transform at the grid's voxels (inside `region` if given)."""
-    import SimpleITK as sitk
-
     dim = grid.dimension
     n = int(region.sum()) if region is not None else grid.array.size
     if transform is None or transform.IsLinear():
         det = 1.0 if transform is None else float(np.linalg.det(_linear_matrix(transform, dim)))
         return np.full(n, det)
+    u = _displacement_on_grid(transform, grid)  # (z,y,x,dim) physical displacement components (x,y,z)
+    spacing_zyx = tuple(reversed(grid.spacing_mm))
+    # du/d(index·spacing) along array axes (z,y,x), kept only inside the region: the head is about
+    # half the grid, and a batched det over every voxel cost more than the rest of the scoring.
+    keep = region if region is not None else np.ones(u.shape[:-1], bool)
+    g = [[None] * dim for _ in range(dim)]  # g[i][j] = du_i/d(k_j s_j), j in ITK index order (x,y,z)
+    for i in range(dim):
+        for axis, grad in enumerate(np.gradient(u[..., i], *spacing_zyx)):
+            g[i][dim - 1 - axis] = grad[keep]
+    # x = origin + D·diag(s)·k  ⇒  du/dx = du/d(k·s) · Dᵀ
+    d = grid.direction
+    jac = [[sum(g[i][k] * d[j, k] for k in range(dim) if d[j, k] != 0.0) + (i == j) for j in range(dim)]
+           for i in range(dim)]
+    return _det(jac)
+
+
+def _displacement_on_grid(transform, grid: Image) -> np.ndarray:
+    """The transform's displacement at the grid's voxels, (z,y,x,dim); a field already on the grid is read as is."""
+    import SimpleITK as sitk
+
     ref = to_sitk(grid, np.uint8)
+    if isinstance(transform, sitk.DisplacementFieldTransform):
+        field = transform.GetDisplacementField()
+        same = (field.GetSize() == ref.GetSize() and np.allclose(field.GetSpacing(), ref.GetSpacing())
+                and np.allclose(field.GetOrigin(), ref.GetOrigin())
+                and np.allclose(field.GetDirection(), ref.GetDirection()))
+        if same:
+            return sitk.GetArrayFromImage(field)
     field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
                                               ref.GetSpacing(), ref.GetDirection())
-    u = sitk.GetArrayFromImage(field)  # (z,y,x,dim) physical displacement components (x,y,z)
-    spacing_zyx = tuple(reversed(grid.spacing_mm))
-    # du/d(index·spacing) along array axes (z,y,x); reorder columns to ITK index order (x,y,z).
-    grads = np.gradient(u, *spacing_zyx, axis=tuple(range(dim)))
-    du_dk = np.stack(list(reversed(grads)), axis=-1)  # (..., component i, index axis j)
-    if region is not None:
-        du_dk = du_dk[region]
-    else:
-        du_dk = du_dk.reshape(-1, dim, dim)
-    # x = origin + D·diag(s)·k  ⇒  du/dx = du/d(k·s) · Dᵀ
-    jac = np.eye(dim) + du_dk @ grid.direction.T
-    return np.linalg.det(jac)
+    return sitk.GetArrayFromImage(field)
+
+
+def _det(m) -> np.ndarray:
+    """Determinants of 2x2 or 3x3 matrices given as nested lists of per-voxel arrays, written out
+    (several times faster than np.linalg.det on a stack)."""
+    if len(m) == 2:
+        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
+    return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
 
 
 def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.ndarray,

@@ -107,6 +107,18 @@ def test_jacobian_of_a_dense_field_matches_its_affine_on_an_oblique_grid():
     assert np.allclose(jacobian_determinant(affine, grid), np.linalg.det(matrix))
 
 
+def test_jacobian_of_a_field_on_another_grid_is_sampled_on_the_scoring_grid():
+    grid = _oblique_grid()
+    coarse = Image(np.zeros((12, 13, 14), np.float32), (3.0, 4.0, 2.0), (-14.0, 1.0, -1.0), grid.direction)
+    affine = sitk.AffineTransform(3)
+    matrix = np.array([[0.9, 0.0, 0.1], [0.0, 1.1, 0.0], [0.2, 0.0, 1.0]])
+    affine.SetMatrix(tuple(matrix.ravel()))
+    det = jacobian_determinant(_field_transform(affine, coarse), grid)
+    assert det.shape == (grid.array.size,)
+    # Linear interpolation of a linear field is exact wherever the coarse field covers the grid.
+    assert np.median(det) == pytest.approx(np.linalg.det(matrix), abs=1e-6)
+
+
 def test_a_folding_field_is_disqualified():
     grid = _oblique_grid()
     flip = sitk.AffineTransform(3)
