@@ -138,12 +138,17 @@ def test_every_engine_matches_the_float64_reference_map(engine):
 def test_masked_map_matches_the_reference_and_is_zero_outside(engine):
     f, m = smooth_pair((12, 12, 12), seed=2)
     mask = ndimage.binary_dilation(np.random.default_rng(3).uniform(size=f.shape) > 0.7, iterations=1)
-    ref_cc, _ = reference_maps(f, m, window=5, mask=mask)
+    ref_cc, ref_signed = reference_maps(f, m, window=5, mask=mask)
     cc = lncc(f, m, window=5, mask=mask, reduction="none", engine=engine).numpy()
     assert np.abs(cc - ref_cc).max() < 1e-9
     assert np.all(cc[~mask] == 0)
     mean = float(lncc(f, m, window=5, mask=mask, engine=engine))
     assert mean == pytest.approx(ref_cc[mask].mean(), abs=1e-9)
+    # The fused engine reduces the signed map on the fly: the same numbers as reducing the written map.
+    signed_mean = float(zncc_map(f, m, window=5, mask=mask, reduction="mean", engine=engine))
+    assert signed_mean == pytest.approx(ref_signed[mask].mean(), abs=1e-9)
+    signed_sum = float(zncc_map(f, m, window=5, mask=mask, reduction="sum", engine=engine))
+    assert signed_sum == pytest.approx(ref_signed[mask].sum(), abs=1e-7)
 
 
 @pytest.mark.parametrize("engine", CPU_ENGINES)

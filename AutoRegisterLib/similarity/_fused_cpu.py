@@ -196,9 +196,9 @@ def fused_map(f, m, mask, rad, boundary: str, signed: bool) -> torch.Tensor:
     return FusedLNCC.apply(f, m, mask, tuple(rad), boundary, signed, True)
 
 
-def fused_reduction(f, m, mask, rad, boundary: str, reduction: str) -> torch.Tensor:
-    """Mean or sum of cc over voxels with a value, without writing the map; differentiable."""
-    total = FusedLNCC.apply(f, m, mask, tuple(rad), boundary, False, False)
+def fused_reduction(f, m, mask, rad, boundary: str, reduction: str, signed: bool = False) -> torch.Tensor:
+    """Mean or sum of cc (or signed zncc) over voxels with a value, without writing the map; differentiable."""
+    total = FusedLNCC.apply(f, m, mask, tuple(rad), boundary, signed, False)
     if reduction == "mean":
         count = f.numel() if mask is None else int(mask.sum())
         total = total / max(count, 1)

@@ -212,7 +212,7 @@ def lncc(fixed, moving, window=9, mask=None, reduction: str = "mean", boundary: 
         from ._fused_cpu import fused_reduction
 
         # The fused kernel reduces on the fly, so no map is ever written.
-        return fused_reduction(f, m, mk, rad, boundary, reduction).to(layout.out_dtype)
+        return fused_reduction(f, m, mk, rad, boundary, reduction, signed=False).to(layout.out_dtype)
     cc = _compute_map(f, m, mk, rad, boundary, chosen, signed=False)
     return reduce_map(cc, mk, reduction, layout)
 
@@ -221,6 +221,10 @@ def zncc_map(fixed, moving, window=9, mask=None, reduction: str = "none", bounda
              engine: str = "auto") -> torch.Tensor:
     """Signed local ZNCC cross/sqrt(varF·varM) in [−1, 1], per voxel (default) or reduced."""
     f, m, mk, layout, rad, chosen = _prepare(fixed, moving, window, mask, reduction, boundary, engine)
+    if chosen == "fused_cpu" and reduction != "none":
+        from ._fused_cpu import fused_reduction
+
+        return fused_reduction(f, m, mk, rad, boundary, reduction, signed=True).to(layout.out_dtype)
     return reduce_map(_compute_map(f, m, mk, rad, boundary, chosen, signed=True), mk, reduction, layout)
 
 
