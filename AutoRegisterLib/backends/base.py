@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailable, InputError
-from ..image import Image, resample_to_grid, to_sitk, valid_mask_on_grid
+from ..image import Image, resample_to_grid, to_sitk
 
 TRANSFORM_TYPES = ("rigid", "affine", "deformable")
 
@@ -92,8 +92,11 @@ class Backend:
 
 def warp_with(transform, fixed: Image, moving: Image) -> RegistrationOutput:
     """Resample the moving image and its domain mask onto the fixed grid through `transform`."""
-    warped = resample_to_grid(moving, fixed, transform, "linear", 0.0)
-    mask = valid_mask_on_grid(moving, fixed, transform)
+    # One pass: samples outside the moving domain come back as NaN, which marks them; then they become 0.
+    warped = resample_to_grid(moving, fixed, transform, "linear", float("nan"))
+    mask = np.isfinite(warped.array)
+    if not mask.all():
+        warped = warped.with_array(np.where(mask, warped.array, np.float32(0.0)))
     return RegistrationOutput(transform, warped, mask)
 
 
