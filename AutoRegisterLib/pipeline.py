@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ EXPECTED_COST = {"rigid": 1.0, "affine": 1.5, "deformable": 6.0}
 TOOLKIT_LOAD_S = {"elastix": 11.0, "ants": 2.0}
 #: A toolkit that loads faster than this is loaded by any idle worker: waiting for its holder rarely pays.
 CHEAP_LOAD_S = 5.0
+#: Where scores are computed: the best available, or as the user asks.
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -87,6 +90,8 @@ class RegistrationResult:
     table: Table
     wall_seconds: float = 0.0
     inputs: dict = field(default_factory=dict)
+    #: Loading the scorer (torch, kernels) and the head masks, on a thread beside the workers.
+    scorer_setup_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         """The JSON form written to result.json."""
@@ -107,6 +112,7 @@ class RegistrationResult:
                       "presets": [p.name for p in self.table.presets]},
             "scoring": self.table.scoring.to_dict(),
             "wall_seconds": self.wall_seconds,
+            "scorer_setup_seconds": self.scorer_setup_seconds,
             "versions": versions,
         }
 
@@ -294,6 +300,10 @@ class Runner:
                 return job
         return None
 
+    def free_cores(self) -> int:
+        """Cores no running preset holds (at least 1): what the scorer in this process may use."""
+        return max(1, self.cores - sum(lane.threads for lane in self.lanes if lane.job is not None))
+
     def run(self, jobs: list[_Job], more=None, expected: int | None = None) -> None:
         """Run every job, each ending with its own `on_done`; `more()`, asked whenever a worker would idle
         with nothing pending, may hand out further jobs. `expected` is the job count progress counts with."""
@@ -302,29 +312,36 @@ class Runner:
 
         def total() -> int:
             return max(expected or 0, finished + len(pending) + sum(lane.job is not None for lane in self.lanes))
+
+        def start_pending() -> None:
+            idle = [lane for lane in self.lanes if lane.job is None]
+            for lane in idle:
+                if pending and (job := self._pick(lane, pending)) is not None:
+                    pending.remove(job)
+                    self._submit(lane, job, starting=min(len(pending) + 1, sum(lh.job is None for lh in idle)))
+                    self.progress({"event": "start", "candidate": job.preset.name, "pid": lane.proc.pid,
+                                   "threads": lane.threads, "fraction": finished / total()})
         try:
             while True:
                 if _is_cancelled(self.cancel):
                     raise Cancelled("registration cancelled")
-                idle = [lane for lane in self.lanes if lane.job is None]
-                if more is not None and idle and not pending:
-                    pending += more()
-                if not pending and len(idle) == len(self.lanes):
-                    break
-                for lane in idle:
-                    if pending and (job := self._pick(lane, pending)) is not None:
-                        pending.remove(job)
-                        self._submit(lane, job, starting=min(len(pending) + 1, sum(lh.job is None for lh in idle)))
-                        self.progress({"event": "start", "candidate": job.preset.name, "pid": lane.proc.pid,
-                                       "threads": lane.threads, "fraction": finished / total()})
-                for lane in self.lanes:
-                    if lane.job is None or (status := self._finished(lane)) is None:
-                        continue
-                    job, lane.job = lane.job, None
+                done = [(lane, lane.job, status) for lane in self.lanes
+                        if lane.job is not None and (status := self._finished(lane)) is not None]
+                for lane, _, _ in done:
+                    lane.job = None
+                # Idle workers take their next preset before the finished ones are scored, so scoring
+                # never holds a worker up; `more()` waits for the scores, as it chooses by them.
+                start_pending()
+                for _, job, status in done:
                     finished += 1
                     job.on_done(job.preset, status, job.folder)
                     self.progress({"event": "finish", "candidate": job.preset.name, "status": status["status"],
                                    "fraction": finished / total()})
+                if more is not None and not pending and any(lane.job is None for lane in self.lanes):
+                    pending += more()
+                    start_pending()
+                if not pending and all(lane.job is None for lane in self.lanes):
+                    break
                 time.sleep(0.05)
         except BaseException:
             self.close()
@@ -370,15 +387,69 @@ def resolve_table(fixed: Image, moving: Image, fixed_modality, moving_modality, 
     return fixed_modality, moving_modality, chosen
 
 
+class _ScorerSetup:
+    """Loads the scorer (torch, the compiled LNCC kernels), resolves the device and computes the head masks
+    on a background thread, so the workers start at once instead of after it; a score waits for it."""
+
+    def __init__(self, device: str):
+        self.requested = device
+        self.device: str | None = None
+        self.seconds = 0.0
+        self.rounds: list[_Round] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._load, name="autoregister-scorer-setup", daemon=True)
+
+    def start(self) -> None:
+        """Begin loading in the background."""
+        self._thread.start()
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            import torch
+
+            from .similarity import lncc
+
+            self.device = _pick_device(self.requested)
+            tiny = torch.rand(8, 8, 8)
+            lncc(tiny, tiny, window=3, mask=torch.ones(8, 8, 8))  # loads the kernels from numba's cache
+            for rnd in list(self.rounds):
+                rnd.head()
+        except BaseException as exc:  # handed to the first score, which fails that candidate only
+            self._error = exc
+        self.seconds = time.perf_counter() - t0
+
+    def ready(self) -> str:
+        """Wait until loaded; the device to score on."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.device
+
+
 class _Round:
     """One round of the race: every preset on one pair of images, each result warped and scored here."""
 
-    def __init__(self, fixed: Image, moving: Image, head: np.ndarray, settings: ScoringSettings, device: str,
-                 candidates: dict[str, Candidate], progress):
-        self.fixed, self.moving, self.head = fixed, moving, head
-        self.settings, self.device = settings, device
+    def __init__(self, fixed: Image, moving: Image, fixed_modality: str, settings: ScoringSettings,
+                 setup: _ScorerSetup, candidates: dict[str, Candidate], progress, threads=lambda: 1):
+        """`threads()` says how many threads scoring may use when a result arrives."""
+        self.fixed, self.moving, self.fixed_modality = fixed, moving, fixed_modality
+        self.settings, self.setup, self.threads = settings, setup, threads
         self.candidates, self.progress = candidates, progress
         self.made = 0
+        self._head: np.ndarray | None = None
+        self._head_lock = threading.Lock()
+        setup.rounds.append(self)
+
+    def head(self) -> np.ndarray:
+        """The fixed head mask the scores are taken over (the whole grid with ``head_mask: none``)."""
+        from .scoring import head_mask
+
+        with self._head_lock:
+            if self._head is None:
+                self._head = (np.ones(self.fixed.array.shape, bool) if self.settings.head_mask == "none"
+                              else head_mask(self.fixed, self.fixed_modality))
+            return self._head
 
     def jobs(self, presets: list[Preset], workdir: Path) -> list[_Job]:
         """Jobs running `presets` on this round's images (written once into `workdir`), scored as each ends."""
@@ -399,7 +470,7 @@ class _Round:
         """Record a finished worker and score its result (a scoring failure fails this candidate only)."""
         import SimpleITK as sitk
 
-        from .scoring import score_candidate
+        from .scoring import score_candidate, thread_limit
 
         cand = self.candidates[preset.name]
         cand.seconds = status.get("seconds")
@@ -408,10 +479,13 @@ class _Round:
             return
         t0 = time.perf_counter()
         try:
-            cand.transform = sitk.ReadTransform(str(folder / status["transform"]))
-            out = warp_with(cand.transform, self.fixed, self.moving)
-            measures = score_candidate(self.fixed, out.warped, out.valid_mask, self.head, self.settings,
-                                       cand.transform, device=self.device, transform_type=cand.transform_type)
+            device = self.setup.ready()
+            # The workers hold the other cores: more threads here would only contend with them.
+            with thread_limit(self.threads()):
+                cand.transform = sitk.ReadTransform(str(folder / status["transform"]))
+                out = warp_with(cand.transform, self.fixed, self.moving)
+                measures = score_candidate(self.fixed, out.warped, out.valid_mask, self.head(), self.settings,
+                                           cand.transform, device=device, transform_type=cand.transform_type)
         except Exception as exc:  # scoring one candidate must not end the others
             cand.status, cand.error = "failed", f"scoring failed: {type(exc).__name__}: {exc}"[:500]
             return
@@ -447,13 +521,11 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], ra
     discarded. Candidates that drop out are reported as ``eliminated`` with their coarse score.
     """
     from .image import shrink
-    from .scoring import head_mask
 
     factor, keep = racing["coarse_shrink"], racing["keep"]
-    coarse_fixed = shrink(full.fixed, factor)
     coarse_results = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in presets}
-    coarse = _Round(coarse_fixed, shrink(full.moving, factor), head_mask(coarse_fixed, fixed_modality),
-                    full.settings, full.device, coarse_results, progress)
+    coarse = _Round(shrink(full.fixed, factor), shrink(full.moving, factor), fixed_modality, full.settings,
+                    full.setup, coarse_results, progress, full.threads)
     by_name = {p.name: p for p in presets}
     started: list[str] = []
     kept: list[str] | None = None  # the final best `keep`, once every coarse run has ended
@@ -497,7 +569,6 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     `memory_limit_mb` caps each worker's address space (posix; ANTs needs about 1500 MB just to load).
     """
     from .backends import get_backend
-    from .scoring import head_mask
 
     wall_start = time.perf_counter()
     if memory_limit_mb is not None and (isinstance(memory_limit_mb, bool) or not int(memory_limit_mb) > 0):
@@ -513,7 +584,9 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     progress_cb = progress or (lambda event: None)
     fixed_f = prepare_input(fixed_img, "fixed")
     moving_f = prepare_input(moving_img, "moving")
-    device_name = _pick_device(device)
+    if device != "auto":
+        _pick_device(device)  # a bad or missing device is a usage error, reported before any work starts
+    setup = _ScorerSetup(device)
 
     candidates = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in chosen.presets}
     runnable = []
@@ -529,8 +602,9 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     try:
         with Runner(jobs, timeout_s, tmp / "workers", progress_cb, cancel, memory_limit_mb, threads_per_job,
                     ncores) as runner:
-            full = _Round(fixed_f, moving_f, head_mask(fixed_f, fixed_modality), settings, device_name,
-                          candidates, progress_cb)
+            full = _Round(fixed_f, moving_f, fixed_modality, settings, setup, candidates, progress_cb,
+                          runner.free_cores)
+            setup.start()
             if racing:
                 _race_coarse_to_fine(runner, full, runnable, racing, fixed_modality, tmp, progress_cb)
             else:
@@ -547,7 +621,8 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         fixed_modality=fixed_modality, moving_modality=moving_modality, table=chosen,
         inputs={"fixed": str(fixed) if isinstance(fixed, (str, os.PathLike)) else type(fixed).__name__,
                 "moving": str(moving) if isinstance(moving, (str, os.PathLike)) else type(moving).__name__,
-                "device": device_name, "jobs": jobs, "racing": racing},
+                "device": setup.device or device, "jobs": jobs, "racing": racing},
+        scorer_setup_seconds=setup.seconds,
     )
     result.wall_seconds = time.perf_counter() - wall_start
     if out_dir is not None:
@@ -558,8 +633,8 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
 
 
 def _pick_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device not in DEVICES:
+        raise InputError(f"device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {device!r}")
     if device == "cpu":
         return "cpu"
     try:

@@ -150,3 +150,21 @@ def test_racing_continues_only_the_best_coarse_results_at_full_resolution(rigid_
     assert result.best.name in kept
     assert point_error_mm(case, result.best.transform, head_mask(case.fixed, "T1")) < 1.5
     assert result.to_dict()["inputs"]["racing"] == {"coarse_shrink": 2, "keep": 2}
+
+
+def test_a_table_without_head_mask_scores_over_the_whole_fixed_grid(rigid_case4, tmp_path):
+    case = rigid_case4
+    coverage = {}
+    for mask in ("auto", "none"):
+        raw = json.loads((TABLES_DIR / "T2_to_T1.json").read_text())
+        raw["presets"] = ["sitk-rigid"]
+        raw["scoring"]["head_mask"] = mask
+        table = tmp_path / f"{mask}.json"
+        table.write_text(json.dumps(raw))
+        result = auto_register(case.fixed, case.moving, fixed_modality="T1", moving_modality="T2", table=table)
+        (cand,) = result.candidates
+        coverage[mask] = cand.coverage
+        assert result.scorer_setup_seconds > 0
+        assert result.to_dict()["inputs"]["device"] == "cpu"
+    # The moved head stays inside the moving domain, the grid's corners do not.
+    assert coverage["auto"] > 0.99 and coverage["none"] < 0.95
