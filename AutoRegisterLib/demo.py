@@ -63,7 +63,8 @@ def main(argv=None) -> int:
               f"best of the race {oracle}: {truth[oracle]['err_mm']:.2f} mm")
         checks.append(("winner's head error <= 1.2 mm", best_err <= 1.2))
     score_s = sum(c.score_seconds or 0.0 for c in result.candidates)
-    print(f"scoring took {score_s:.2f} s of {result.wall_seconds:.1f} s ({100 * score_s / result.wall_seconds:.1f}%)")
+    print(f"scoring took {score_s:.2f} s of {result.wall_seconds:.1f} s ({100 * score_s / result.wall_seconds:.1f}%); "
+          f"loading the scorer took {result.scorer_setup_seconds:.1f} s on a thread while the workers started")
     checks.append(("scoring <= 5% of the total", score_s <= 0.05 * result.wall_seconds))
 
     if not args.skip_alone:
