@@ -415,7 +415,7 @@ class _ScorerSetup:
             lncc(tiny, tiny, window=3, mask=torch.ones(8, 8, 8))  # loads the kernels from numba's cache
             for rnd in list(self.rounds):
                 rnd.head()
-        except BaseException as exc:  # handed to the first score, which fails that candidate only
+        except Exception as exc:  # handed to every score, which fails that candidate only
             self._error = exc
         self.seconds = time.perf_counter() - t0
 
