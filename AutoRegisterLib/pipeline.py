@@ -515,18 +515,23 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], ra
                          tmp: Path, progress) -> None:
     """Every preset on images shrunk by ``coarse_shrink``; the best ``keep`` of them again at full resolution.
 
-    There is no barrier between the rounds: a worker that would idle while coarse runs are still out starts
-    the full-resolution run of the best coarse result so far. Only the final best ``keep`` count, so the
-    choice is the same as with a barrier; a run started ahead of time for a preset that drops out is
-    discarded. Candidates that drop out are reported as ``eliminated`` with their coarse score.
+    Presets named in ``full_resolution`` skip the coarse round and run once, at full resolution, from the
+    start: elastix samples a fixed number of points whatever the image size, so its coarse run costs nearly
+    as much as the full one and would only delay it. There is no barrier between the rounds: a worker that
+    would idle while coarse runs are still out starts the full-resolution run of the best coarse result so
+    far. Only the final best ``keep`` count, so the choice is the same as with a barrier; a run started
+    ahead of time for a preset that drops out is discarded. Candidates that drop out are reported as
+    ``eliminated`` with their coarse score.
     """
     from .image import shrink
 
     factor, keep = racing["coarse_shrink"], racing["keep"]
-    coarse_results = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in presets}
+    direct = [p for p in presets if p.name in racing.get("full_resolution", ())]
+    raced = [p for p in presets if p not in direct]
+    coarse_results = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in raced}
     coarse = _Round(shrink(full.fixed, factor), shrink(full.moving, factor), fixed_modality, full.settings,
                     full.setup, coarse_results, progress, full.threads)
-    by_name = {p.name: p for p in presets}
+    by_name = {p.name: p for p in raced}
     started: list[str] = []
     kept: list[str] | None = None  # the final best `keep`, once every coarse run has ended
 
@@ -534,16 +539,17 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], ra
         nonlocal kept
         done = [c for c in coarse_results.values() if c.status != "pending"]
         best = [c.name for c in _ranked(done, full.settings)[:keep]]
-        if len(done) < len(presets):
+        if len(done) < len(raced):
             best = best[:1]  # a guess while coarse runs are out: one at a time
         elif kept is None:
             kept = best
-            progress({"event": "round", "round": "full", "candidates": sorted(kept)})
+            progress({"event": "round", "round": "full", "candidates": sorted(kept + [p.name for p in direct])})
         ahead = [n for n in best if n not in started]
         started.extend(ahead)
         return full.jobs([by_name[n] for n in ahead], tmp / "full")
 
-    runner.run(coarse.jobs(presets, tmp / "coarse"), more, expected=len(presets) + keep)
+    jobs = full.jobs(direct, tmp / "full") + coarse.jobs(raced, tmp / "coarse")
+    runner.run(jobs, more, expected=len(presets) + keep)
     for name, coarse_cand in coarse_results.items():
         if name in (kept or ()):
             continue
@@ -597,7 +603,11 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         else:
             candidates[p.name].status, candidates[p.name].error = "unavailable", reason
     jobs = max(1, min(int(jobs or ncores), max(1, len(runnable))))
-    racing = chosen.racing if chosen.racing and len(runnable) > chosen.racing["keep"] else None
+    racing = chosen.racing
+    if racing:
+        raced = [p for p in runnable if p.name not in racing.get("full_resolution", ())]
+        if len(raced) <= racing["keep"]:
+            racing = None  # every raced preset would be kept: a coarse round would only add time
     tmp = Path(tempfile.mkdtemp(prefix="autoregister-"))
     try:
         with Runner(jobs, timeout_s, tmp / "workers", progress_cb, cancel, memory_limit_mb, threads_per_job,

@@ -76,6 +76,14 @@ class Table:
             "racing": self.racing,
         }
 
+    def without(self, names) -> Table:
+        """The same table without the named presets (switched off by the user), its racing kept consistent."""
+        names = set(names)
+        racing = self.racing
+        if racing is not None:
+            racing = dict(racing, full_resolution=[n for n in racing.get("full_resolution", []) if n not in names])
+        return replace(self, presets=tuple(p for p in self.presets if p.name not in names), racing=racing)
+
 
 def _load_json(path: Path) -> dict:
     try:
@@ -156,15 +164,23 @@ def _parse_scoring(raw, path) -> ScoringSettings:
     return s
 
 
-def _parse_racing(raw, path) -> dict | None:
+def _parse_racing(raw, path, names: list[str]) -> dict | None:
     if raw is None:
         return None
     _require(isinstance(raw, dict), path, "racing", "must be an object or null")
+    known = ("coarse_shrink", "keep", "full_resolution")
+    for key in raw:
+        _require(key in known, path, f"racing.{key}", f"is unknown (known: {', '.join(known)})")
     shrink = raw.get("coarse_shrink", 2)
     keep = raw.get("keep", 2)
+    full = raw.get("full_resolution", [])
     _require(isinstance(shrink, int) and shrink >= 1, path, "racing.coarse_shrink", "must be an integer >= 1")
     _require(isinstance(keep, int) and keep >= 1, path, "racing.keep", "must be an integer >= 1")
-    return {"coarse_shrink": shrink, "keep": keep}
+    _require(isinstance(full, list) and all(isinstance(n, str) for n in full), path, "racing.full_resolution",
+             "must be a list of preset names")
+    missing = [n for n in full if n not in names]
+    _require(not missing, path, "racing.full_resolution", f"names presets the table does not list: {missing}")
+    return {"coarse_shrink": shrink, "keep": keep, "full_resolution": full}
 
 
 def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:
@@ -191,7 +207,7 @@ def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:
     return Table(
         name=str(data.get("name") or path.stem), fixed_modality=data["fixed_modality"],
         moving_modality=data["moving_modality"], presets=tuple(presets),
-        scoring=_parse_scoring(data.get("scoring"), path), racing=_parse_racing(data.get("racing"), path),
+        scoring=_parse_scoring(data.get("scoring"), path), racing=_parse_racing(data.get("racing"), path, names),
         source=str(path), description=str(data.get("description", "")),
     )
 

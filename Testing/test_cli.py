@@ -101,6 +101,7 @@ def test_no_successful_preset_exits_3_and_still_reports(pair_files, tmp_path):
     table = json.loads((TABLES_DIR / "T2_to_T1.json").read_text())
     table["presets"] = [{"name": "broken", "backend": "sitk", "transform_type": "rigid",
                          "params": {"iterations": -1}}]
+    table["racing"] = None
     (tmp_path / "t.json").write_text(json.dumps(table))
     out = tmp_path / "o"
     proc = run_cli(*pair_files, "--out", out, "--table", tmp_path / "t.json", "--quiet")

@@ -26,6 +26,8 @@ BROKEN = {"name": "broken", "backend": "sitk", "transform_type": "rigid", "param
 def _table(tmp_path: Path, presets, name="t.json") -> Path:
     table = json.loads((TABLES_DIR / "T2_to_T1.json").read_text())
     table["presets"] = presets
+    # Faults are exercised under racing, as with the built-in table's schedule before full_resolution.
+    table["racing"] = {"coarse_shrink": 2, "keep": 2}
     path = tmp_path / name
     path.write_text(json.dumps(table))
     return path
@@ -149,7 +151,28 @@ def test_racing_continues_only_the_best_coarse_results_at_full_resolution(rigid_
     assert all(started.count(n) == 2 for n in kept) and all(started.count(n) <= 2 for n in names)
     assert result.best.name in kept
     assert point_error_mm(case, result.best.transform, head_mask(case.fixed, "T1")) < 1.5
-    assert result.to_dict()["inputs"]["racing"] == {"coarse_shrink": 2, "keep": 2}
+    assert result.to_dict()["inputs"]["racing"] == {"coarse_shrink": 2, "keep": 2, "full_resolution": []}
+
+
+def test_a_full_resolution_preset_skips_the_coarse_round_and_is_always_kept(rigid_case4, tmp_path):
+    case = rigid_case4
+    names = ["sitk-rigid", "ants-rigid", "ants-affine", "ants-syn"]
+    raw = json.loads((TABLES_DIR / "T2_to_T1.json").read_text())
+    raw.update(presets=names, racing={"coarse_shrink": 2, "keep": 1, "full_resolution": ["sitk-rigid"]})
+    table = tmp_path / "racing.json"
+    table.write_text(json.dumps(raw))
+    events = []
+    result = auto_register(case.fixed, case.moving, fixed_modality="T1", moving_modality="T2", table=table, jobs=2,
+                           progress=events.append)
+    started = [e["candidate"] for e in events if e["event"] == "start"]
+    assert started.count("sitk-rigid") == 1
+    (round_event,) = [e for e in events if e["event"] == "round"]
+    assert "sitk-rigid" in round_event["candidates"] and len(round_event["candidates"]) == 2
+    by_name = {c.name: c for c in result.candidates}
+    assert by_name["sitk-rigid"].status == "ok" and by_name["sitk-rigid"].transform is not None
+    raced = [by_name[n] for n in names[1:]]
+    assert sorted(c.status for c in raced) == ["eliminated", "eliminated", "ok"]
+    assert all(started.count(c.name) == 2 for c in raced if c.status == "ok")
 
 
 def test_a_table_without_head_mask_scores_over_the_whole_fixed_grid(rigid_case4, tmp_path):
@@ -157,7 +180,7 @@ def test_a_table_without_head_mask_scores_over_the_whole_fixed_grid(rigid_case4,
     coverage = {}
     for mask in ("auto", "none"):
         raw = json.loads((TABLES_DIR / "T2_to_T1.json").read_text())
-        raw["presets"] = ["sitk-rigid"]
+        raw.update(presets=["sitk-rigid"], racing=None)
         raw["scoring"]["head_mask"] = mask
         table = tmp_path / f"{mask}.json"
         table.write_text(json.dumps(raw))

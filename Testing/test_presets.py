@@ -59,6 +59,9 @@ def _write(tmp_path, **overrides):
     ({"presets": [{"name": "x", "backend": "ants", "transform_type": "warp"}]}, "presets[0].transform_type"),
     ({"presets": ["ants-rigid", "ants-rigid"]}, "presets"),
     ({"racing": {"keep": 0}}, "racing.keep"),
+    ({"racing": {"keep": 1, "full_resolution": ["elastix-rigid"]}}, "racing.full_resolution"),
+    ({"racing": {"keep": 1, "full_resolution": "elastix-bspline"}}, "racing.full_resolution"),
+    ({"racing": {"kep": 1}}, "racing.kep"),
 ])
 def test_invalid_table_error_names_file_and_field(tmp_path, overrides, field):
     path = _write(tmp_path, **overrides)
@@ -79,7 +82,7 @@ def test_table_that_is_not_json_is_a_one_line_error(tmp_path):
 def test_user_table_folder_overrides_builtin_pair(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOREGISTER_TABLES", str(tmp_path))
     table = json.loads((TABLES_DIR / "T2_to_T1.json").read_text())
-    table.update(name="my_T2", presets=["ants-rigid"])
+    table.update(name="my_T2", presets=["ants-rigid"], racing=None)
     (tmp_path / "mine.json").write_text(json.dumps(table))
     chosen = find_table("T1", "T2")
     assert chosen.name == "my_T2" and [p.name for p in chosen.presets] == ["ants-rigid"]
@@ -103,3 +106,15 @@ def test_ct_is_recognised_by_its_hounsfield_range():
     mr = rng.uniform(0, 800, size=(20, 20, 20)).astype(np.float32)
     assert guess_modality(from_numpy(mr)) == "MR"
     assert set(MODALITIES) >= {"CT", "MR"}
+
+
+def test_switching_presets_off_keeps_the_table_valid(tmp_path):
+    table = find_table("T1", "T2")
+    assert "elastix-bspline" in table.racing["full_resolution"]
+    smaller = table.without(["elastix-bspline", "sitk-rigid"])
+    assert [p.name for p in smaller.presets] == [p.name for p in table.presets
+                                                  if p.name not in ("elastix-bspline", "sitk-rigid")]
+    assert smaller.racing["full_resolution"] == [] and smaller.racing["keep"] == table.racing["keep"]
+    path = tmp_path / "switched.json"
+    path.write_text(json.dumps(smaller.to_dict()))
+    assert [p.name for p in load_table(path).presets] == [p.name for p in smaller.presets]
