@@ -729,13 +729,12 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
                 tableObject = self.findTable(table, fixedModality, movingModality)
                 disabled = set(disabledPresets or ())
                 if disabled or scoringWindowVoxels:
-                    kept = tuple(p for p in tableObject.presets if p.name not in disabled)
-                    if not kept:
+                    tableObject = tableObject.without(disabled)
+                    if not tableObject.presets:
                         raise ValueError(_("Every preset is switched off."))
-                    scoring = tableObject.scoring
                     if scoringWindowVoxels:
-                        scoring = replace(scoring, window_voxels=int(scoringWindowVoxels))
-                    tableObject = replace(tableObject, presets=kept, scoring=scoring)
+                        scoring = replace(tableObject.scoring, window_voxels=int(scoringWindowVoxels))
+                        tableObject = replace(tableObject, scoring=scoring)
                 tablePath = os.path.join(workDir, "table.json")
                 with open(tablePath, "w") as f:
                     json.dump(tableObject.to_dict(), f, indent=2)
