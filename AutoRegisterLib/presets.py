@@ -63,16 +63,19 @@ class Table:
     moving_modality: str
     presets: tuple[Preset, ...]
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    #: None, or {"coarse_shrink": n, "keep": k, "full_resolution": [names]}: every preset but those named
+    #: runs first on images shrunk n times, and the best k run again at full resolution with them.
     racing: dict | None = None
     source: str = ""
     description: str = ""
 
     def to_dict(self) -> dict:
-        """Plain-data form for result.json and for writing learned tables."""
+        """Plain-data form that `load_table` reads back; presets are written in full, so a user table's
+        inline presets survive (the Slicer module hands the engine its table this way)."""
         return {
             "schema": TABLE_SCHEMA, "name": self.name, "description": self.description,
             "fixed_modality": self.fixed_modality, "moving_modality": self.moving_modality,
-            "presets": [p.name for p in self.presets], "scoring": self.scoring.to_dict(),
+            "presets": [p.to_dict() for p in self.presets], "scoring": self.scoring.to_dict(),
             "racing": self.racing,
         }
 

@@ -118,3 +118,12 @@ def test_switching_presets_off_keeps_the_table_valid(tmp_path):
     path = tmp_path / "switched.json"
     path.write_text(json.dumps(smaller.to_dict()))
     assert [p.name for p in load_table(path).presets] == [p.name for p in smaller.presets]
+
+
+def test_a_table_with_inline_presets_survives_its_plain_data_form(tmp_path):
+    inline = {"name": "my-rigid", "backend": "sitk", "transform_type": "rigid", "params": {"iterations": 50}}
+    path = _write(tmp_path, presets=["ants-rigid", inline], racing=None)
+    table = load_table(path)
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps(table.to_dict()))
+    assert load_table(again).presets == table.presets
