@@ -391,8 +391,8 @@ class _ScorerSetup:
     """Loads the scorer (torch, the compiled LNCC kernels), resolves the device and computes the head masks
     on a background thread, so the workers start at once instead of after it; a score waits for it."""
 
-    def __init__(self, device: str):
-        self.requested = device
+    def __init__(self, device: str, cancel=None):
+        self.requested, self.cancel = device, cancel
         self.device: str | None = None
         self.seconds = 0.0
         self.rounds: list[_Round] = []
@@ -420,8 +420,11 @@ class _ScorerSetup:
         self.seconds = time.perf_counter() - t0
 
     def ready(self) -> str:
-        """Wait until loaded; the device to score on."""
-        self._thread.join()
+        """Wait until loaded (a Cancel still ends the wait within 0.1 s); the device to score on."""
+        while self._thread.is_alive():
+            self._thread.join(0.1)
+            if _is_cancelled(self.cancel):
+                raise Cancelled("registration cancelled")
         if self._error is not None:
             raise self._error
         return self.device
@@ -486,6 +489,8 @@ class _Round:
                 out = warp_with(cand.transform, self.fixed, self.moving)
                 measures = score_candidate(self.fixed, out.warped, out.valid_mask, self.head(), self.settings,
                                            cand.transform, device=device, transform_type=cand.transform_type)
+        except Cancelled:
+            raise
         except Exception as exc:  # scoring one candidate must not end the others
             cand.status, cand.error = "failed", f"scoring failed: {type(exc).__name__}: {exc}"[:500]
             return
@@ -592,7 +597,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     moving_f = prepare_input(moving_img, "moving")
     if device != "auto":
         _pick_device(device)  # a bad or missing device is a usage error, reported before any work starts
-    setup = _ScorerSetup(device)
+    setup = _ScorerSetup(device, cancel)
 
     candidates = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in chosen.presets}
     runnable = []

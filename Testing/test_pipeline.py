@@ -191,3 +191,22 @@ def test_a_table_without_head_mask_scores_over_the_whole_fixed_grid(rigid_case4,
         assert result.to_dict()["inputs"]["device"] == "cpu"
     # The moved head stays inside the moving domain, the grid's corners do not.
     assert coverage["auto"] > 0.99 and coverage["none"] < 0.95
+
+
+def test_cancel_while_the_scorer_loads_ends_the_run_at_once(rigid_case4, monkeypatch):
+    from AutoRegisterLib import pipeline
+
+    waiting = threading.Event()
+    ready = pipeline._ScorerSetup.ready
+
+    def waiting_ready(self):
+        waiting.set()
+        return ready(self)
+
+    # A scorer that takes 30 s to load: once a result waits for it, only Cancel can end the wait.
+    monkeypatch.setattr(pipeline._ScorerSetup, "_load", lambda self: time.sleep(30))
+    monkeypatch.setattr(pipeline._ScorerSetup, "ready", waiting_ready)
+    t0 = time.perf_counter()
+    with pytest.raises(Cancelled):
+        auto_register(rigid_case4.fixed, rigid_case4.moving, presets=["sitk-rigid"], cancel=waiting.is_set)
+    assert waiting.is_set() and time.perf_counter() - t0 < 20
