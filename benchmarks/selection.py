@@ -311,6 +311,22 @@ def variants_table(cases: list[dict], base: ScoringSettings) -> list[dict]:
     return rows
 
 
+def format_ct(ct: dict) -> str:
+    """The CT -> T1 case: every candidate's score, MI and head-mask overlap, and the choices."""
+    lines = ["CT -> T1 (no ground truth):", "", "| candidate | status | score | MI | head-mask overlap |",
+             "|---|---|---|---|---|"]
+    for n, c in ct["auto"]["candidates"].items():
+        score = f"{c['score']:.4f}" if c["score"] is not None else "-"
+        mi = f"{c['mi']:.3f}" if c["mi"] is not None else "-"
+        ov = f"{c['head_overlap_dice']:.3f}" if "head_overlap_dice" in c else "-"
+        lines.append(f"| {n} | {c['status']} | {score} | {mi} | {ov} |")
+    lines.append(f"chosen {ct['auto']['chosen']}; best head overlap {ct['best_overlap']}; "
+                 f"wall {ct['auto']['wall_seconds']:.1f} s"
+                 + (f"; with racing chosen {ct['racing']['chosen']} in {ct['racing']['wall_seconds']:.1f} s"
+                    if "racing" in ct else ""))
+    return "\n".join(lines)
+
+
 def format_report(summary: dict, variants: list[dict], presets: list[str], cases: list[dict], ct: dict | None,
                   racing: bool) -> str:
     """The printed tables and the acceptance checks."""
@@ -341,17 +357,7 @@ def format_report(summary: dict, variants: list[dict], presets: list[str], cases
         lines.append(f"| {v['variant']} | {v['mean_dice']:.4f} | {v['mean_error_mm']:.2f} | {v['mean_regret']:.4f} | "
                      f"{v['max_regret']:.4f} | {100 * v['oracle_rate']:.0f}% | {v['vetoed_candidates']} |")
     if ct is not None:
-        lines += ["", "CT -> T1 (no ground truth):", "", "| candidate | status | score | MI | head-mask overlap |",
-                  "|---|---|---|---|---|"]
-        for n, c in ct["auto"]["candidates"].items():
-            score = f"{c['score']:.4f}" if c["score"] is not None else "-"
-            mi = f"{c['mi']:.3f}" if c["mi"] is not None else "-"
-            ov = f"{c['head_overlap_dice']:.3f}" if "head_overlap_dice" in c else "-"
-            lines.append(f"| {n} | {c['status']} | {score} | {mi} | {ov} |")
-        lines.append(f"chosen {ct['auto']['chosen']}; best head overlap {ct['best_overlap']}; "
-                     f"wall {ct['auto']['wall_seconds']:.1f} s"
-                     + (f"; with racing chosen {ct['racing']['chosen']} in {ct['racing']['wall_seconds']:.1f} s"
-                        if "racing" in ct else ""))
+        lines += ["", format_ct(ct)]
     best_fixed = max(summary["fixed_mean_dice"].values())
     checks = [("auto's mean Dice >= best single preset's", a["mean_dice"] >= best_fixed,
                f"{a['mean_dice']:.4f} vs {best_fixed:.4f}"),
@@ -475,6 +481,13 @@ def main(argv=None) -> int:
                     json_path.write_text(json.dumps({"args": vars(args), "presets": presets, "cases": cases, "ct": ct},
                                                     indent=1, default=str))
 
+    if not cases:  # --per-class 0: the CT case alone
+        report = format_ct(ct) if ct is not None else "no cases were run"
+        print()
+        print(report)
+        json_path.write_text(json.dumps({"args": vars(args), "presets": presets, "cases": [], "ct": ct,
+                                         "report": report}, indent=1, default=str))
+        return 0
     base = next(iter(tables.values())).scoring
     summary = summarize(cases, presets, args.racing)
     variants = variants_table(cases, base)
