@@ -341,17 +341,6 @@ def resample_to_grid(image: Image, reference: Image, transform=None, interpolato
     return from_sitk(out)
 
 
-def valid_mask_on_grid(moving: Image, reference: Image, transform=None) -> np.ndarray:
-    """Boolean mask of reference voxels whose fixed->moving image falls inside the moving domain."""
-    import SimpleITK as sitk
-
-    ones = moving.with_array(np.ones(moving.array.shape, np.float32))
-    tx = transform if transform is not None else sitk.Transform(reference.dimension, sitk.sitkIdentity)
-    # Linear interpolation of a ones image is < 1 exactly where a sample touches the outside.
-    out = sitk.Resample(to_sitk(ones), to_sitk(reference, np.uint8), tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out) > 0.999
-
-
 def shrink(image: Image, factor: int) -> Image:
     """Average `factor`^dim blocks into one voxel (geometry kept consistent); for coarse racing rounds."""
     import SimpleITK as sitk
