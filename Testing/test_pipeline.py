@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 from worker_faults import HANGING, on_start
 
 from AutoRegisterLib.data import point_error_mm
@@ -188,7 +189,7 @@ def test_a_table_without_head_mask_scores_over_the_whole_fixed_grid(rigid_case4,
         (cand,) = result.candidates
         coverage[mask] = cand.coverage
         assert result.scorer_setup_seconds > 0
-        assert result.to_dict()["inputs"]["device"] == "cpu"
+        assert result.to_dict()["inputs"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     # The moved head stays inside the moving domain, the grid's corners do not.
     assert coverage["auto"] > 0.99 and coverage["none"] < 0.95
 
