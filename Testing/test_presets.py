@@ -127,3 +127,16 @@ def test_a_table_with_inline_presets_survives_its_plain_data_form(tmp_path):
     again = tmp_path / "again.json"
     again.write_text(json.dumps(table.to_dict()))
     assert load_table(again).presets == table.presets
+
+
+def test_the_readme_example_table_loads_and_its_params_are_valid(tmp_path):
+    from AutoRegisterLib.backends import get_backend
+
+    readme = (TABLES_DIR.parents[2] / "README.md").read_text()
+    example = readme.split("## Preset tables", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    path = tmp_path / "example.json"
+    path.write_text(example)
+    table = load_table(path)
+    assert table.racing["full_resolution"] == ["elastix-bspline"]
+    for preset in table.presets:
+        get_backend(preset.backend).validate(preset)
