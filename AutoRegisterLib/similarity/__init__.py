@@ -8,10 +8,12 @@ Public API (a contract other code depends on):
 * ``LNCCLoss`` — ``nn.Module`` returning −mean(cc)
 * ``mutual_information(fixed, moving, mask=None, bins=32)``
 * ``box_filter`` and the engine names in ``ENGINES``
+* ``compile_kernels()`` — fills numba's on-disk cache once (``make install`` runs it)
 
 See ``lncc.py`` for the formula, the numerics and the boundary rules.
 """
 
+from ._fused_cpu import compile_kernels
 from .box import box_filter
 from .global_metrics import mutual_information, zncc
 from .lncc import ENGINES, FLAT_VARIANCE, ZEROS_EPS, LNCCLoss, lncc, zncc_map
@@ -19,5 +21,5 @@ from .local_std import STD_FLOOR, LocalStd, local_std
 
 __all__ = [
     "lncc", "zncc_map", "zncc", "LNCCLoss", "mutual_information", "box_filter", "local_std", "LocalStd",
-    "ENGINES", "FLAT_VARIANCE", "ZEROS_EPS", "STD_FLOOR",
+    "ENGINES", "FLAT_VARIANCE", "ZEROS_EPS", "STD_FLOOR", "compile_kernels",
 ]
