@@ -516,6 +516,11 @@ def _ranked(cands: list[Candidate], settings: ScoringSettings) -> list[Candidate
     return ranked
 
 
+def _coarse_raced(presets: list[Preset], racing: dict) -> list[Preset]:
+    """The presets that race the coarse round: all but those the schedule runs at full resolution only."""
+    return [p for p in presets if p.name not in racing.get("full_resolution", ())]
+
+
 def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], racing: dict, fixed_modality: str,
                          tmp: Path, progress) -> None:
     """Every preset on images shrunk by ``coarse_shrink``; the best ``keep`` of them again at full resolution.
@@ -531,8 +536,8 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], ra
     from .image import shrink
 
     factor, keep = racing["coarse_shrink"], racing["keep"]
-    direct = [p for p in presets if p.name in racing.get("full_resolution", ())]
-    raced = [p for p in presets if p not in direct]
+    raced = _coarse_raced(presets, racing)
+    direct = [p for p in presets if p not in raced]
     coarse_results = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in raced}
     coarse = _Round(shrink(full.fixed, factor), shrink(full.moving, factor), fixed_modality, full.settings,
                     full.setup, coarse_results, progress, full.threads)
@@ -609,10 +614,8 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
             candidates[p.name].status, candidates[p.name].error = "unavailable", reason
     jobs = max(1, min(int(jobs or ncores), max(1, len(runnable))))
     racing = chosen.racing
-    if racing:
-        raced = [p for p in runnable if p.name not in racing.get("full_resolution", ())]
-        if len(raced) <= racing["keep"]:
-            racing = None  # every raced preset would be kept: a coarse round would only add time
+    if racing and len(_coarse_raced(runnable, racing)) <= racing["keep"]:
+        racing = None  # every raced preset would be kept: a coarse round would only add time
     tmp = Path(tempfile.mkdtemp(prefix="autoregister-"))
     try:
         with Runner(jobs, timeout_s, tmp / "workers", progress_cb, cancel, memory_limit_mb, threads_per_job,
