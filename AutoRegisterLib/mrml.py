@@ -27,8 +27,8 @@ LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 #: Node attribute that marks nodes this library created, so reruns replace only our own outputs.
 OUTPUT_ATTRIBUTE = "AutoRegister.Output"
-#: Node attribute that names the moving volume an output node belongs to.
-OUTPUT_FOR_ATTRIBUTE = "AutoRegister.OutputFor"
+#: Node reference role from an output node to the moving volume it belongs to.
+OUTPUT_FOR_REFERENCE = "AutoRegisterOutputFor"
 
 
 def _slicer():
@@ -303,15 +303,18 @@ def find_output_node(scene, role: str, moving_node):
     for i in range(scene.GetNumberOfNodes()):
         candidate = scene.GetNthNode(i)
         if (candidate.GetAttribute(OUTPUT_ATTRIBUTE) == role
-                and candidate.GetAttribute(OUTPUT_FOR_ATTRIBUTE) == moving_node.GetID()):
+                and candidate.GetNodeReferenceID(OUTPUT_FOR_REFERENCE) == moving_node.GetID()):
             return candidate
     return None
 
 
 def mark_output_node(node, role: str, moving_node):
-    """Tag a node as our output for `moving_node`, so the next run replaces it and nothing else."""
+    """Tag a node as our output for `moving_node`, so the next run replaces it and nothing else.
+
+    The owner is a node reference, not a stored ID: IDs are renumbered when a scene is imported into
+    another, references follow."""
     node.SetAttribute(OUTPUT_ATTRIBUTE, role)
-    node.SetAttribute(OUTPUT_FOR_ATTRIBUTE, moving_node.GetID())
+    node.SetNodeReferenceID(OUTPUT_FOR_REFERENCE, moving_node.GetID())
     return node
 
 
