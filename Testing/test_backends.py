@@ -16,11 +16,11 @@ import pytest
 import SimpleITK as sitk
 
 from AutoRegisterLib.backends import BACKEND_NAMES, Preset, availability_report, get_backend
-from AutoRegisterLib.backends.base import as_affine, check_params, set_threads
-from AutoRegisterLib.backends.elastix import affine_from_field
+from AutoRegisterLib.backends.base import check_params, set_threads
 from AutoRegisterLib.data import make_case, point_error_mm
 from AutoRegisterLib.errors import BackendUnavailable, InputError
 from AutoRegisterLib.image import Image, to_sitk
+from AutoRegisterLib.transforms import affine_from_field, as_affine
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = json.loads((ROOT / "Resources" / "Presets" / "presets.json").read_text())
