@@ -1,8 +1,11 @@
 """Presets and per-modality-pair preset tables: JSON data, validated on load.
 
-The catalog (``Resources/Presets/presets.json``) names every preset a backend can run. A table
-(``Resources/Presets/tables/*.json``, a user folder, or ``--table FILE``) says, for one modality pair,
-which presets to race and how to score them. Errors name the file and the field.
+The catalog (``resources/presets/presets.json`` in this package) names every preset a backend can run.
+A table (``resources/presets/tables/*.json``, a user folder, or ``--table FILE``) says, for one modality
+pair, which presets to race and how to score them. Errors name the file and the field.
+
+The built-in files are package data, read through `importlib.resources`, so a wheel and the Slicer
+extension carry them inside the package; they are `Traversable`s (a `Path` when installed on disk).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ import numpy as np
 from .backends.base import TRANSFORM_TYPES, Preset
 from .errors import InputError
 
-RESOURCES = Path(__file__).resolve().parent.parent / "Resources" / "Presets"
+RESOURCES = resources.files(__package__) / "resources" / "presets"
 CATALOG_PATH = RESOURCES / "presets.json"
 TABLES_DIR = RESOURCES / "tables"
 MODALITIES = ("T1", "T2", "FLAIR", "PD", "CT", "MR")
@@ -88,9 +92,14 @@ class Table:
         return replace(self, presets=tuple(p for p in self.presets if p.name not in names), racing=racing)
 
 
-def _load_json(path: Path) -> dict:
+def _as_path(path):
+    """A user's path (str or PathLike) as a Path; a package resource (Traversable) as it is."""
+    return Path(path) if isinstance(path, (str, os.PathLike)) else path
+
+
+def _load_json(path) -> dict:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _as_path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except OSError as exc:
@@ -106,7 +115,7 @@ def _load_json(path: Path) -> dict:
 
 def _require(cond: bool, path, fieldname: str, message: str) -> None:
     if not cond:
-        raise InputError(f"{Path(path).name}: field '{fieldname}' {message}")
+        raise InputError(f"{_as_path(path).name}: field '{fieldname}' {message}")
 
 
 def parse_preset(entry, path, where: str) -> Preset:
@@ -126,7 +135,7 @@ def parse_preset(entry, path, where: str) -> Preset:
     return Preset(entry["name"], entry["backend"], entry["transform_type"], dict(params))
 
 
-def load_catalog(path: Path = CATALOG_PATH) -> dict[str, Preset]:
+def load_catalog(path=CATALOG_PATH) -> dict[str, Preset]:
     """Load the named presets of the catalog, keyed by name."""
     data = _load_json(path)
     _require(data.get("schema") == CATALOG_SCHEMA, path, "schema", f"must be {CATALOG_SCHEMA!r}")
@@ -188,7 +197,7 @@ def _parse_racing(raw, path, names: list[str]) -> dict | None:
 
 def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:
     """Load and validate a preset table from a JSON file."""
-    path = Path(path)
+    path = _as_path(path)
     data = _load_json(path)
     catalog = load_catalog() if catalog is None else catalog
     _require(data.get("schema", TABLE_SCHEMA) == TABLE_SCHEMA, path, "schema", f"must be {TABLE_SCHEMA!r}")
@@ -208,7 +217,7 @@ def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:
     names = [p.name for p in presets]
     _require(len(set(names)) == len(names), path, "presets", "lists a preset twice")
     return Table(
-        name=str(data.get("name") or path.stem), fixed_modality=data["fixed_modality"],
+        name=str(data.get("name") or Path(path.name).stem), fixed_modality=data["fixed_modality"],
         moving_modality=data["moving_modality"], presets=tuple(presets),
         scoring=_parse_scoring(data.get("scoring"), path), racing=_parse_racing(data.get("racing"), path, names),
         source=str(path), description=str(data.get("description", "")),
@@ -221,7 +230,8 @@ def list_tables() -> list[Table]:
     found: list[Table] = []
     for folder in (TABLES_DIR, user_tables_dir()):
         if folder.is_dir():
-            found.extend(load_table(p, catalog) for p in sorted(folder.glob("*.json")))
+            files = sorted((p for p in folder.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
+            found.extend(load_table(p, catalog) for p in files)
     return found
 
 

@@ -20,10 +20,11 @@ from AutoRegisterLib.backends.base import check_params, set_threads
 from AutoRegisterLib.data import make_case, point_error_mm
 from AutoRegisterLib.errors import BackendUnavailable, InputError
 from AutoRegisterLib.image import Image, to_sitk
+from AutoRegisterLib.presets import CATALOG_PATH
 from AutoRegisterLib.transforms import affine_from_field, as_affine
 
 ROOT = Path(__file__).resolve().parents[1]
-CATALOG = json.loads((ROOT / "Resources" / "Presets" / "presets.json").read_text())
+CATALOG = json.loads(CATALOG_PATH.read_text())
 PRESETS = {d["name"]: Preset.from_dict(d) for d in CATALOG["presets"]}
 VOXEL_MM = 4.0
 

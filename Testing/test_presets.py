@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,7 +133,7 @@ def test_a_table_with_inline_presets_survives_its_plain_data_form(tmp_path):
 def test_the_readme_example_table_loads_and_its_params_are_valid(tmp_path):
     from AutoRegisterLib.backends import get_backend
 
-    readme = (TABLES_DIR.parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     example = readme.split("## Preset tables", 1)[1].split("```json", 1)[1].split("```", 1)[0]
     path = tmp_path / "example.json"
     path.write_text(example)

@@ -134,7 +134,7 @@ def test_cmake_declares_the_extension_module_library_and_test():
     assert 'EXTENSION_CATEGORY "Registration"' in top
     module = (MODULE_DIR / "CMakeLists.txt").read_text()
     for key in ("slicerMacroBuildScriptedModule", "MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES",
-                "slicer_add_python_unittest", "AutoRegisterLib", "Presets"):
+                "slicer_add_python_unittest", "AutoRegisterLib", "AutoRegisterLib/resources/presets"):
         assert key in module, key
     for resource in ("Resources/UI/", "Resources/Icons/"):
         assert resource in module

@@ -18,9 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from AutoRegisterLib.backends import Preset, get_backend  # noqa: E402
 from AutoRegisterLib.data import initial_error_mm, load_icbm, make_case, point_error_mm  # noqa: E402
+from AutoRegisterLib.presets import CATALOG_PATH  # noqa: E402
 from AutoRegisterLib.scoring import head_mask  # noqa: E402
-
-PRESETS_JSON = Path(__file__).resolve().parents[1] / "Resources" / "Presets" / "presets.json"
 
 
 def demo_case(spacing_mm: float, seed: int, rotation_deg: float = 10.0):
@@ -40,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
-    catalog = [Preset.from_dict(d) for d in json.loads(PRESETS_JSON.read_text())["presets"]]
+    catalog = [Preset.from_dict(d) for d in json.loads(CATALOG_PATH.read_text())["presets"]]
     wanted = [p for p in catalog if not args.presets or p.name in args.presets.split(",")]
     rows = []
     # Toolkit loading is paid once per worker process; time it apart so the per-preset times compare.
