@@ -9,7 +9,8 @@ slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 vtk = pytest.importorskip("vtk")
 
-from AutoRegisterLib import data, mrml  # noqa: E402
+from AutoRegisterDev import data  # noqa: E402
+from AutoRegisterLib import mrml  # noqa: E402
 from AutoRegisterLib.backends.base import warp_with  # noqa: E402
 from AutoRegisterLib.errors import InputError  # noqa: E402
 from AutoRegisterLib.image import Image, resample_to_grid, to_sitk  # noqa: E402

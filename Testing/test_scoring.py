@@ -23,7 +23,7 @@ def test_head_mask_covers_the_head_and_not_the_background(icbm4):
     centre = tuple(n // 2 for n in mask.shape)
     assert mask[centre]
     # The skull-stripped brain lies inside the head mask.
-    from AutoRegisterLib.data import load_icbm
+    from AutoRegisterDev.data import load_icbm
 
     brain = load_icbm("brainmask", 4.0).array > 0
     assert (mask & brain).sum() >= 0.99 * brain.sum()

@@ -186,7 +186,8 @@ def logic_module(monkeypatch):
 @pytest.fixture()
 def case_nodes(tmp_path):
     slicer = pytest.importorskip("slicer")
-    from AutoRegisterLib import data, mrml
+    from AutoRegisterDev import data
+    from AutoRegisterLib import mrml
     from AutoRegisterLib.errors import InputError
 
     try:
@@ -233,7 +234,8 @@ def _alive(pid: int) -> bool:
 def test_logic_register_runs_the_engine_and_sets_the_moving_parent_transform(logic_module, case_nodes):
     AutoRegister, slicer = logic_module
     case, scene, fixed, moving, table = case_nodes
-    from AutoRegisterLib import data, mrml
+    from AutoRegisterDev import data
+    from AutoRegisterLib import mrml
 
     logic = AutoRegister.AutoRegisterLogic(scene=scene)
     voxels_before = mrml.image_from_volume_node(moving).array.copy()
