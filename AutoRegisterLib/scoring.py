@@ -17,12 +17,36 @@ The design follows the measurements in ../shared/SCORING.md:
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from .image import Image, to_sitk
-from .presets import ScoringSettings
 from .transforms import jacobian_determinant
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How candidates are scored; defaults are the evidence-backed design of ../shared/SCORING.md."""
+
+    metric: str = "lncc"  # LNCC² over (valid ∩ head) × head coverage
+    window_voxels: int = 5
+    head_mask: str = "auto"  # "auto" (threshold + largest component) or "none" (whole fixed grid)
+    coverage_weight: bool = True
+    min_coverage: float = 0.5
+    max_folding_fraction: float = 0.01
+    min_jacobian: float = -0.5
+    mi_vote: bool = False
+    tie_tolerance: float = 0.002
+    # Each level of flexibility (rigid 0, affine 1, deformable 2) costs this fraction of the score: on
+    # multi-modal pairs an MI-driven B-spline scored 0.3-4 % above the exact linear result while bending
+    # anatomy (benchmarks/selection.py; 3 % is the smallest value right on all 18 measured cases).
+    complexity_penalty: float = 0.03
+
+    def to_dict(self) -> dict:
+        """Plain-data form for result.json."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 #: Flexibility levels: simpler transforms win ties, and each level costs ``complexity_penalty`` of the score.
 COMPLEXITY = {"rigid": 0, "affine": 1, "deformable": 2}

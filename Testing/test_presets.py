@@ -10,14 +10,17 @@ import pytest
 
 from AutoRegisterLib.errors import InputError
 from AutoRegisterLib.image import from_numpy
+from AutoRegisterLib.modality import MODALITIES, guess_modality, modality_or_guess
 from AutoRegisterLib.presets import (
-    MODALITIES,
+    AUTOMATIC,
     TABLES_DIR,
+    Table,
     find_table,
-    guess_modality,
     list_tables,
     load_catalog,
     load_table,
+    require_catalog_names,
+    resolve_table,
     table_from_presets,
 )
 
@@ -107,6 +110,46 @@ def test_ct_is_recognised_by_its_hounsfield_range():
     mr = rng.uniform(0, 800, size=(20, 20, 20)).astype(np.float32)
     assert guess_modality(from_numpy(mr)) == "MR"
     assert set(MODALITIES) >= {"CT", "MR"}
+    assert modality_or_guess("t2", from_numpy(ct), "fixed modality") == "T2"
+    assert modality_or_guess(None, from_numpy(ct), "fixed modality") == "CT"
+    with pytest.raises(InputError, match="fixed modality must be one of"):
+        modality_or_guess("XR", from_numpy(ct), "fixed modality")
+
+
+def test_a_table_is_chosen_by_object_automatic_path_or_name(tmp_path):
+    t2 = find_table("T1", "T2")
+    assert resolve_table(t2, "T1", "CT") is t2
+    for automatic in (None, "", AUTOMATIC):
+        assert resolve_table(automatic, "T1", "CT").name == "CT_to_T1"
+    assert resolve_table("MR_to_MR", "T1", "T2").name == "MR_to_MR"
+    path = _write(tmp_path, name="from_a_file")
+    assert resolve_table(path, "T1", "T2").name == "from_a_file"
+    assert resolve_table(str(path), "T1", "T2").name == "from_a_file"
+    with pytest.raises(InputError, match="file not found"):
+        resolve_table(str(tmp_path / "missing.json"), "T1", "T2")
+    with pytest.raises(InputError, match="no preset table named 'nope'"):
+        resolve_table("nope", "T1", "T2")
+
+
+def test_overrides_switch_presets_off_and_change_the_window():
+    table = find_table("T1", "T2")
+    changed = table.with_overrides(disabled={"sitk-rigid"}, window_voxels=7)
+    assert "sitk-rigid" not in [p.name for p in changed.presets]
+    assert changed.scoring.window_voxels == 7 and table.scoring.window_voxels == 5
+    assert table.with_overrides() == table
+    with pytest.raises(InputError, match="switched off"):
+        table.with_overrides(disabled=[p.name for p in table.presets])
+    with pytest.raises(InputError, match="window_voxels"):
+        table.with_overrides(window_voxels=4)
+    assert isinstance(changed, Table)
+
+
+def test_catalog_names_are_checked_in_one_place():
+    assert [p.name for p in require_catalog_names(["sitk-rigid", "ants-rigid"])] == ["sitk-rigid", "ants-rigid"]
+    with pytest.raises(InputError, match=r"unknown preset\(s\) nope"):
+        require_catalog_names(["sitk-rigid", "nope"])
+    with pytest.raises(InputError, match="at least one"):
+        require_catalog_names([])
 
 
 def test_switching_presets_off_keeps_the_table_valid(tmp_path):

@@ -8,8 +8,7 @@ import SimpleITK as sitk
 
 from AutoRegisterLib.backends.base import warp_with
 from AutoRegisterLib.image import Image, to_sitk
-from AutoRegisterLib.presets import ScoringSettings
-from AutoRegisterLib.scoring import choose_best, combined_score, head_mask, score_candidate
+from AutoRegisterLib.scoring import ScoringSettings, choose_best, combined_score, head_mask, score_candidate
 from AutoRegisterLib.transforms import jacobian_determinant
 
 SETTINGS = ScoringSettings()

@@ -40,8 +40,14 @@ from AutoRegisterLib.backends.base import warp_with  # noqa: E402
 from AutoRegisterLib.errors import InputError  # noqa: E402
 from AutoRegisterLib.image import Image, from_sitk, resample_to_grid, to_sitk  # noqa: E402
 from AutoRegisterLib.pipeline import auto_register  # noqa: E402
-from AutoRegisterLib.presets import TABLES_DIR, ScoringSettings, load_catalog, load_table  # noqa: E402
-from AutoRegisterLib.scoring import choose_best, combined_score, head_mask, score_candidate  # noqa: E402
+from AutoRegisterLib.presets import TABLES_DIR, load_catalog, load_table  # noqa: E402
+from AutoRegisterLib.scoring import (  # noqa: E402
+    ScoringSettings,
+    choose_best,
+    combined_score,
+    head_mask,
+    score_candidate,
+)
 from AutoRegisterLib.transforms import jacobian_determinant  # noqa: E402
 
 CLASSES = {
