@@ -11,6 +11,7 @@ extension carry them inside the package; they are `Traversable`s (a `Path` when 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -95,6 +96,8 @@ def _load_json(path) -> dict:
         raise InputError(f"{path}: file not found") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -218,15 +221,30 @@ def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:
     )
 
 
-def list_tables() -> list[Table]:
-    """Every table: the built-in ones, then the user's (a user table overrides a built-in of the same pair)."""
+def list_tables(errors: list[str] | None = None) -> list[Table]:
+    """Every table: the built-in ones, then the user's (a user table overrides a built-in of the same pair).
+
+    A file in the user's folder that is not a valid table is skipped with a logged warning, its reason
+    appended to `errors` when a list is given: one bad file must not hide the other tables (nor break
+    "Automatic"). A bad built-in table is a bug of the package and raises.
+    """
     catalog = load_catalog()
-    found: list[Table] = []
-    for folder in (TABLES_DIR, user_tables_dir()):
-        if folder.is_dir():
-            files = sorted((p for p in folder.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
-            found.extend(load_table(p, catalog) for p in files)
+    found = [load_table(path, catalog) for path in _json_files(TABLES_DIR)]
+    for path in _json_files(user_tables_dir()):
+        try:
+            found.append(load_table(path, catalog))
+        except InputError as exc:  # the message names the file and the field
+            logging.getLogger(__name__).warning("AutoRegister: skipping preset table: %s", exc)
+            if errors is not None:
+                errors.append(str(exc))
     return found
+
+
+def _json_files(folder) -> list:
+    """The folder's *.json files by name; none when it does not exist."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
 
 
 def find_table(fixed_modality: str, moving_modality: str) -> Table:

@@ -92,6 +92,29 @@ def test_user_table_folder_overrides_builtin_pair(tmp_path, monkeypatch):
     assert chosen.name == "my_T2" and [p.name for p in chosen.presets] == ["ants-rigid"]
 
 
+def test_one_bad_user_table_is_skipped_and_reported_without_hiding_the_others(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("AUTOREGISTER_TABLES", str(tmp_path))
+    good = json.loads((TABLES_DIR / "T2_to_T1.json").read_text())
+    good.update(name="my_T2", presets=["ants-rigid"], racing=None)
+    (tmp_path / "b_good.json").write_text(json.dumps(good))
+    (tmp_path / "a_not_json.json").write_text("{ this is not JSON")
+    (tmp_path / "c_binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "d_bad_field.json").write_text(json.dumps(dict(good, fixed_modality="XR")))
+    errors: list[str] = []
+    with caplog.at_level("WARNING"):
+        tables = list_tables(errors=errors)
+    builtin = len(list(TABLES_DIR.iterdir()))
+    assert [t.name for t in tables[builtin:]] == ["my_T2"]
+    assert len(tables) == builtin + 1
+    assert [e.split(":")[0].rsplit("/", 1)[-1] for e in errors] == ["a_not_json.json", "c_binary.json",
+                                                                      "d_bad_field.json"]
+    assert "fixed_modality" in errors[2]
+    assert sum("skipping preset table" in r.getMessage() for r in caplog.records) == 3
+    # "Automatic" still works: the good user table for its pair, the built-in ones for the others.
+    assert find_table("T1", "T2").name == "my_T2"
+    assert find_table("T1", "CT").name == "CT_to_T1"
+    assert resolve_table(AUTOMATIC, "T1", "FLAIR").name == "FLAIR_to_T1"
+
 def test_presets_option_keeps_the_table_scoring():
     base = find_table("T1", "CT")
     custom = table_from_presets(["sitk-rigid", "ants-rigid"], base)
