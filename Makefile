@@ -30,13 +30,13 @@ test: $(KERNELS)
 	$(PY) -m pytest -q -p no:cacheprovider Testing
 
 demo: $(KERNELS)
-	$(PY) -m AutoRegisterLib.demo --out demo_out
+	$(PY) -m AutoRegisterDev.demo --out demo_out
 
 bench: $(KERNELS)
 	$(PY) benchmarks/similarity.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check AutoRegister AutoRegisterLib Testing benchmarks
+	$(VENV)/bin/ruff check AutoRegister AutoRegisterLib AutoRegisterDev Testing benchmarks
 
 clean:
 	rm -rf $(VENV) demo_out bench_out

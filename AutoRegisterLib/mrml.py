@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import InputError
 from .image import Image
+from .transforms import displacement_field, downcast, homogeneous_matrix
 
 #: Diagonal flip that maps RAS coordinates to LPS and back.
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -159,46 +160,6 @@ def _as_3d(image: Image):
 
 # --- transforms ------------------------------------------------------------------------------
 
-def _downcast(transform):
-    return transform.Downcast() if hasattr(transform, "Downcast") else transform
-
-
-def linear_matrix_lps(transform) -> np.ndarray:
-    """4x4 LPS matrix of a linear SimpleITK transform (fixed->moving); raises for non-linear ones."""
-    tx = _downcast(transform)
-    if not tx.IsLinear():
-        raise ValueError(f"{tx.GetName()} is not linear")
-    if hasattr(tx, "GetMatrix") and hasattr(tx, "GetCenter"):
-        matrix = np.array(tx.GetMatrix(), dtype=np.float64).reshape(3, 3)
-        centre = np.array(tx.GetCenter(), dtype=np.float64)
-        translation = np.array(tx.GetTranslation(), dtype=np.float64)
-        offset = translation + centre - matrix @ centre
-    else:
-        # Composites of linear transforms and the like: read the affine map off four points.
-        offset = np.array(tx.TransformPoint((0.0, 0.0, 0.0)))
-        matrix = np.column_stack([np.array(tx.TransformPoint(tuple(e))) - offset for e in np.eye(3)])
-    out = np.eye(4)
-    out[:3, :3] = matrix
-    out[:3, 3] = offset
-    return out
-
-
-def displacement_field_lps(transform, reference: Image | None = None):
-    """The SimpleITK displacement field (LPS vectors) that represents a non-linear transform."""
-    import SimpleITK as sitk
-
-    tx = _downcast(transform)
-    if isinstance(tx, sitk.DisplacementFieldTransform):
-        return tx.GetDisplacementField()
-    if reference is None:
-        raise ValueError(f"a reference grid is needed to sample a {tx.GetName()} as a displacement field")
-    from .image import to_sitk
-
-    ref = to_sitk(reference, np.uint8)
-    return sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
-                                             ref.GetSpacing(), ref.GetDirection())
-
-
 def grid_transform_from_field(field):
     """A vtkOrientedGridTransform in RAS equal to a SimpleITK LPS displacement field transform."""
     import SimpleITK as sitk
@@ -237,7 +198,7 @@ def transform_node_from_transform(transform, scene, name: str | None = None, ref
     when it has the right class, otherwise removed from the scene and replaced.
     """
     slicer = _slicer()
-    linear = _downcast(transform).IsLinear()
+    linear = downcast(transform).IsLinear()
     wanted = "vtkMRMLLinearTransformNode" if linear else "vtkMRMLGridTransformNode"
     if node is not None and node.GetClassName() != wanted:
         name = name or node.GetName()
@@ -250,11 +211,11 @@ def transform_node_from_transform(transform, scene, name: str | None = None, ref
     elif name:
         node.SetName(name)
     if linear:
-        node.SetMatrixTransformFromParent(_vtk_matrix(flip_ras_lps(linear_matrix_lps(transform))))
+        node.SetMatrixTransformFromParent(_vtk_matrix(flip_ras_lps(homogeneous_matrix(transform))))
     else:
         if reference is not None and not isinstance(reference, Image):
             reference = image_from_volume_node(reference, world=True)
-        node.SetAndObserveTransformFromParent(grid_transform_from_field(displacement_field_lps(transform, reference)))
+        node.SetAndObserveTransformFromParent(grid_transform_from_field(displacement_field(transform, reference)))
     return node
 
 

@@ -24,15 +24,10 @@ import numpy as np
 from .backends.base import Preset, warp_with
 from .errors import Cancelled, InputError
 from .image import Image, as_image, write_image
-from .presets import (
-    MODALITIES,
-    ScoringSettings,
-    Table,
-    find_table,
-    guess_modality,
-    load_table,
-    table_from_presets,
-)
+from .modality import modality_or_guess
+from .presets import Table, table_from_presets
+from .presets import resolve_table as presets_resolve_table
+from .scoring import ScoringSettings
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 #: Rough relative cost of each transform type; longest jobs start first so the slowest preset sets the wall time.
@@ -370,17 +365,9 @@ def _read_status(folder: Path, exit_code: int, elapsed: float, log: Path | None)
 
 def resolve_table(fixed: Image, moving: Image, fixed_modality, moving_modality, table, presets):
     """Pick modalities (given or guessed) and the table (given, by name list, or by modality pair)."""
-    fixed_modality = (fixed_modality or guess_modality(fixed)).upper()
-    moving_modality = (moving_modality or guess_modality(moving)).upper()
-    for label, value in (("fixed modality", fixed_modality), ("moving modality", moving_modality)):
-        if value not in MODALITIES:
-            raise InputError(f"{label} must be one of {', '.join(MODALITIES)}, got {value!r}")
-    if isinstance(table, Table):
-        chosen = table
-    elif table is not None:
-        chosen = load_table(table)
-    else:
-        chosen = find_table(fixed_modality, moving_modality)
+    fixed_modality = modality_or_guess(fixed_modality, fixed, "fixed modality")
+    moving_modality = modality_or_guess(moving_modality, moving, "moving modality")
+    chosen = presets_resolve_table(table, fixed_modality, moving_modality)
     if presets:
         names = presets.split(",") if isinstance(presets, str) else list(presets)
         chosen = table_from_presets([n.strip() for n in names if n.strip()], base=chosen)

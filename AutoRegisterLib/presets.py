@@ -1,27 +1,35 @@
 """Presets and per-modality-pair preset tables: JSON data, validated on load.
 
-The catalog (``Resources/Presets/presets.json``) names every preset a backend can run. A table
-(``Resources/Presets/tables/*.json``, a user folder, or ``--table FILE``) says, for one modality pair,
-which presets to race and how to score them. Errors name the file and the field.
+The catalog (``resources/presets/presets.json`` in this package) names every preset a backend can run.
+A table (``resources/presets/tables/*.json``, a user folder, or ``--table FILE``) says, for one modality
+pair, which presets to race and how to score them. Errors name the file and the field.
+
+The built-in files are package data, read through `importlib.resources`, so a wheel and the Slicer
+extension carry them inside the package; they are `Traversable`s (a `Path` when installed on disk).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
-
-import numpy as np
 
 from .backends.base import TRANSFORM_TYPES, Preset
 from .errors import InputError
 
-RESOURCES = Path(__file__).resolve().parent.parent / "Resources" / "Presets"
+# Re-exported: the Slicer module and tables.py import these three from here.
+from .modality import MODALITIES, guess_modality  # noqa: F401
+from .scoring import ScoringSettings
+
+RESOURCES = resources.files(__package__) / "resources" / "presets"
 CATALOG_PATH = RESOURCES / "presets.json"
 TABLES_DIR = RESOURCES / "tables"
-MODALITIES = ("T1", "T2", "FLAIR", "PD", "CT", "MR")
 TABLE_SCHEMA = "autoregister-table/1"
+#: The table name that means "the table of the modality pair" (the Slicer module's default choice).
+AUTOMATIC = "Automatic"
 CATALOG_SCHEMA = "autoregister-presets/1"
 
 
@@ -29,29 +37,6 @@ def user_tables_dir() -> Path:
     """Folder for the user's own tables: $AUTOREGISTER_TABLES, else ~/.config/AutoRegister/tables."""
     env = os.environ.get("AUTOREGISTER_TABLES")
     return Path(env) if env else Path.home() / ".config" / "AutoRegister" / "tables"
-
-
-@dataclass(frozen=True)
-class ScoringSettings:
-    """How candidates are scored; defaults are the evidence-backed design of ../shared/SCORING.md."""
-
-    metric: str = "lncc"  # LNCC² over (valid ∩ head) × head coverage
-    window_voxels: int = 5
-    head_mask: str = "auto"  # "auto" (threshold + largest component) or "none" (whole fixed grid)
-    coverage_weight: bool = True
-    min_coverage: float = 0.5
-    max_folding_fraction: float = 0.01
-    min_jacobian: float = -0.5
-    mi_vote: bool = False
-    tie_tolerance: float = 0.002
-    # Each level of flexibility (rigid 0, affine 1, deformable 2) costs this fraction of the score: on
-    # multi-modal pairs an MI-driven B-spline scored 0.3-4 % above the exact linear result while bending
-    # anatomy (benchmarks/selection.py; 3 % is the smallest value right on all 18 measured cases).
-    complexity_penalty: float = 0.03
-
-    def to_dict(self) -> dict:
-        """Plain-data form for result.json."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -87,14 +72,32 @@ class Table:
             racing = dict(racing, full_resolution=[n for n in racing.get("full_resolution", []) if n not in names])
         return replace(self, presets=tuple(p for p in self.presets if p.name not in names), racing=racing)
 
+    def with_overrides(self, disabled=(), window_voxels: int | None = None) -> Table:
+        """The table with a user's switches applied: the `disabled` presets off, another scoring window."""
+        table = self.without(disabled) if disabled else self
+        if not table.presets:
+            raise InputError(f"every preset of table {self.name!r} is switched off")
+        if window_voxels:
+            _require(_is_window(window_voxels), self.source or self.name, "scoring.window_voxels",
+                     f"must be an odd integer >= 3, got {window_voxels!r}")
+            table = replace(table, scoring=replace(table.scoring, window_voxels=int(window_voxels)))
+        return table
 
-def _load_json(path: Path) -> dict:
+
+def _as_path(path):
+    """A user's path (str or PathLike) as a Path; a package resource (Traversable) as it is."""
+    return Path(path) if isinstance(path, (str, os.PathLike)) else path
+
+
+def _load_json(path) -> dict:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _as_path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -106,7 +109,7 @@ def _load_json(path: Path) -> dict:
 
 def _require(cond: bool, path, fieldname: str, message: str) -> None:
     if not cond:
-        raise InputError(f"{Path(path).name}: field '{fieldname}' {message}")
+        raise InputError(f"{_as_path(path).name}: field '{fieldname}' {message}")
 
 
 def parse_preset(entry, path, where: str) -> Preset:
@@ -126,7 +129,7 @@ def parse_preset(entry, path, where: str) -> Preset:
     return Preset(entry["name"], entry["backend"], entry["transform_type"], dict(params))
 
 
-def load_catalog(path: Path = CATALOG_PATH) -> dict[str, Preset]:
+def load_catalog(path=CATALOG_PATH) -> dict[str, Preset]:
     """Load the named presets of the catalog, keyed by name."""
     data = _load_json(path)
     _require(data.get("schema") == CATALOG_SCHEMA, path, "schema", f"must be {CATALOG_SCHEMA!r}")
@@ -149,9 +152,8 @@ def _parse_scoring(raw, path) -> ScoringSettings:
         _require(key in known, path, f"scoring.{key}", f"is unknown (known: {', '.join(known)})")
     s = replace(ScoringSettings(), **raw)
     _require(s.metric in ("lncc", "mi"), path, "scoring.metric", f"must be 'lncc' or 'mi', got {s.metric!r}")
-    w = s.window_voxels
-    _require(isinstance(w, int) and not isinstance(w, bool) and w >= 3 and w % 2 == 1, path,
-             "scoring.window_voxels", f"must be an odd integer >= 3, got {w!r}")
+    _require(_is_window(s.window_voxels), path, "scoring.window_voxels",
+             f"must be an odd integer >= 3, got {s.window_voxels!r}")
     _require(s.head_mask in ("auto", "none"), path, "scoring.head_mask", "must be 'auto' or 'none'")
     for name in ("min_coverage", "max_folding_fraction"):
         v = getattr(s, name)
@@ -165,6 +167,10 @@ def _parse_scoring(raw, path) -> ScoringSettings:
     for name in ("coverage_weight", "mi_vote"):
         _require(isinstance(getattr(s, name), bool), path, f"scoring.{name}", "must be true or false")
     return s
+
+
+def _is_window(w) -> bool:
+    return isinstance(w, int) and not isinstance(w, bool) and w >= 3 and w % 2 == 1
 
 
 def _parse_racing(raw, path, names: list[str]) -> dict | None:
@@ -188,7 +194,7 @@ def _parse_racing(raw, path, names: list[str]) -> dict | None:
 
 def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:
     """Load and validate a preset table from a JSON file."""
-    path = Path(path)
+    path = _as_path(path)
     data = _load_json(path)
     catalog = load_catalog() if catalog is None else catalog
     _require(data.get("schema", TABLE_SCHEMA) == TABLE_SCHEMA, path, "schema", f"must be {TABLE_SCHEMA!r}")
@@ -208,21 +214,37 @@ def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:
     names = [p.name for p in presets]
     _require(len(set(names)) == len(names), path, "presets", "lists a preset twice")
     return Table(
-        name=str(data.get("name") or path.stem), fixed_modality=data["fixed_modality"],
+        name=str(data.get("name") or Path(path.name).stem), fixed_modality=data["fixed_modality"],
         moving_modality=data["moving_modality"], presets=tuple(presets),
         scoring=_parse_scoring(data.get("scoring"), path), racing=_parse_racing(data.get("racing"), path, names),
         source=str(path), description=str(data.get("description", "")),
     )
 
 
-def list_tables() -> list[Table]:
-    """Every table: the built-in ones, then the user's (a user table overrides a built-in of the same pair)."""
+def list_tables(errors: list[str] | None = None) -> list[Table]:
+    """Every table: the built-in ones, then the user's (a user table overrides a built-in of the same pair).
+
+    A file in the user's folder that is not a valid table is skipped with a logged warning, its reason
+    appended to `errors` when a list is given: one bad file must not hide the other tables (nor break
+    "Automatic"). A bad built-in table is a bug of the package and raises.
+    """
     catalog = load_catalog()
-    found: list[Table] = []
-    for folder in (TABLES_DIR, user_tables_dir()):
-        if folder.is_dir():
-            found.extend(load_table(p, catalog) for p in sorted(folder.glob("*.json")))
+    found = [load_table(path, catalog) for path in _json_files(TABLES_DIR)]
+    for path in _json_files(user_tables_dir()):
+        try:
+            found.append(load_table(path, catalog))
+        except InputError as exc:  # the message names the file and the field
+            logging.getLogger(__name__).warning("AutoRegister: skipping preset table: %s", exc)
+            if errors is not None:
+                errors.append(str(exc))
     return found
+
+
+def _json_files(folder) -> list:
+    """The folder's *.json files by name; none when it does not exist."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
 
 
 def find_table(fixed_modality: str, moving_modality: str) -> Table:
@@ -237,29 +259,40 @@ def find_table(fixed_modality: str, moving_modality: str) -> Table:
     raise InputError(f"no preset table for {moving_modality} -> {fixed_modality} in {TABLES_DIR}")
 
 
-def table_from_presets(names: list[str], base: Table | None = None) -> Table:
-    """A table racing the named catalog presets, with `base`'s scoring (for --presets A,B,...)."""
-    catalog = load_catalog()
+def resolve_table(table, fixed_modality: str, moving_modality: str) -> Table:
+    """The table a user chose: a Table as it is; None, "" or "Automatic" for the modality pair's table;
+    a path (a PathLike, an existing file or a name ending in .json) loaded; else a table's name."""
+    if isinstance(table, Table):
+        return table
+    if not table or table == AUTOMATIC:
+        return find_table(fixed_modality, moving_modality)
+    if isinstance(table, os.PathLike) or str(table).lower().endswith(".json") or os.path.isfile(table):
+        return load_table(table)
+    tables = list_tables()
+    for candidate in reversed(tables):  # a user table shadows a built-in one of the same name
+        if candidate.name == table:
+            return candidate
+    raise InputError(f"no preset table named {table!r} and no such file "
+                     f"(tables: {', '.join(sorted({t.name for t in tables}))})")
+
+
+def require_catalog_names(names, catalog: dict[str, Preset] | None = None) -> list[Preset]:
+    """The catalog presets of `names`, in order; InputError naming the unknown ones, or when there are none."""
+    catalog = load_catalog() if catalog is None else catalog
     unknown = [n for n in names if n not in catalog]
     if unknown:
         raise InputError(f"unknown preset(s) {', '.join(unknown)} (known: {', '.join(sorted(catalog))})")
     if not names:
         raise InputError("--presets needs at least one preset name")
+    return [catalog[n] for n in names]
+
+
+def table_from_presets(names: list[str], base: Table | None = None) -> Table:
+    """A table racing the named catalog presets, with `base`'s scoring (for --presets A,B,...)."""
+    presets = require_catalog_names(names)
     return Table(
         name="custom", fixed_modality=base.fixed_modality if base else "MR",
         moving_modality=base.moving_modality if base else "MR",
-        presets=tuple(catalog[n] for n in names), scoring=base.scoring if base else ScoringSettings(),
+        presets=tuple(presets), scoring=base.scoring if base else ScoringSettings(),
         racing=None, source="--presets",
     )
-
-
-def guess_modality(image) -> str:
-    """Guess 'CT' from a Hounsfield range (air near -1000, bone above +300), else 'MR'."""
-    arr = np.asarray(image.array)
-    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
-    if finite.size == 0:
-        return "MR"
-    lo, hi = np.percentile(finite, [1, 99.9])
-    if lo < -500 and hi > 300:
-        return "CT"
-    return "MR"

@@ -39,7 +39,7 @@ def check_output_dir(out_dir) -> Path:
 
 def write_outputs(result, out_dir, keep_all: bool = False) -> Path:
     """Write transform, warped.nii.gz, report.png and result.json into `out_dir`, atomically."""
-    from .worker import write_transform
+    from .transforms import write_transform
 
     out = check_output_dir(out_dir)
     parent = out.resolve().parent

@@ -17,11 +17,36 @@ The design follows the measurements in ../shared/SCORING.md:
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from .image import Image, to_sitk
-from .presets import ScoringSettings
+from .transforms import jacobian_determinant
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How candidates are scored; defaults are the evidence-backed design of ../shared/SCORING.md."""
+
+    metric: str = "lncc"  # LNCC² over (valid ∩ head) × head coverage
+    window_voxels: int = 5
+    head_mask: str = "auto"  # "auto" (threshold + largest component) or "none" (whole fixed grid)
+    coverage_weight: bool = True
+    min_coverage: float = 0.5
+    max_folding_fraction: float = 0.01
+    min_jacobian: float = -0.5
+    mi_vote: bool = False
+    tie_tolerance: float = 0.002
+    # Each level of flexibility (rigid 0, affine 1, deformable 2) costs this fraction of the score: on
+    # multi-modal pairs an MI-driven B-spline scored 0.3-4 % above the exact linear result while bending
+    # anatomy (benchmarks/selection.py; 3 % is the smallest value right on all 18 measured cases).
+    complexity_penalty: float = 0.03
+
+    def to_dict(self) -> dict:
+        """Plain-data form for result.json."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 #: Flexibility levels: simpler transforms win ties, and each level costs ``complexity_penalty`` of the score.
 COMPLEXITY = {"rigid": 0, "affine": 1, "deformable": 2}
@@ -73,62 +98,6 @@ def head_mask(fixed: Image, modality: str | None = None) -> np.ndarray:
         # A threshold that finds (almost) nothing is no mask at all: judge the whole grid instead.
         mask = np.ones_like(mask)
     return mask
-
-
-def _linear_matrix(transform, dim: int) -> np.ndarray:
-    """Jacobian of a linear transform, probed at unit offsets (works for every linear ITK type)."""
-    p0 = np.array(transform.TransformPoint((0.0,) * dim))
-    return np.stack([np.array(transform.TransformPoint(tuple(np.eye(dim)[j]))) - p0 for j in range(dim)], axis=1)
-
-
-def jacobian_determinant(transform, grid: Image, region: np.ndarray | None = None) -> np.ndarray:
-    """Jacobian determinant of a fixed->moving transform at the grid's voxels (inside `region` if given)."""
-    dim = grid.dimension
-    n = int(region.sum()) if region is not None else grid.array.size
-    if transform is None or transform.IsLinear():
-        det = 1.0 if transform is None else float(np.linalg.det(_linear_matrix(transform, dim)))
-        return np.full(n, det)
-    u = _displacement_on_grid(transform, grid)  # (z,y,x,dim) physical displacement components (x,y,z)
-    spacing_zyx = tuple(reversed(grid.spacing_mm))
-    # du/d(index·spacing) along array axes (z,y,x), kept only inside the region: the head is about
-    # half the grid, and a batched det over every voxel cost more than the rest of the scoring.
-    keep = region if region is not None else np.ones(u.shape[:-1], bool)
-    g = [[None] * dim for _ in range(dim)]  # g[i][j] = du_i/d(k_j s_j), j in ITK index order (x,y,z)
-    for i in range(dim):
-        for axis, grad in enumerate(np.gradient(u[..., i], *spacing_zyx)):
-            g[i][dim - 1 - axis] = grad[keep]
-    # x = origin + D·diag(s)·k  ⇒  du/dx = du/d(k·s) · Dᵀ
-    d = grid.direction
-    jac = [[sum(g[i][k] * d[j, k] for k in range(dim) if d[j, k] != 0.0) + (i == j) for j in range(dim)]
-           for i in range(dim)]
-    return _det(jac)
-
-
-def _displacement_on_grid(transform, grid: Image) -> np.ndarray:
-    """The transform's displacement at the grid's voxels, (z,y,x,dim); a field already on the grid is read as is."""
-    import SimpleITK as sitk
-
-    ref = to_sitk(grid, np.uint8)
-    if isinstance(transform, sitk.DisplacementFieldTransform):
-        field = transform.GetDisplacementField()
-        same = (field.GetSize() == ref.GetSize() and np.allclose(field.GetSpacing(), ref.GetSpacing())
-                and np.allclose(field.GetOrigin(), ref.GetOrigin())
-                and np.allclose(field.GetDirection(), ref.GetDirection()))
-        if same:
-            return sitk.GetArrayFromImage(field)
-    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
-                                              ref.GetSpacing(), ref.GetDirection())
-    return sitk.GetArrayFromImage(field)
-
-
-def _det(m) -> np.ndarray:
-    """Determinants of 2x2 or 3x3 matrices given as nested lists of per-voxel arrays, written out
-    (several times faster than np.linalg.det on a stack)."""
-    if len(m) == 2:
-        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
-    return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
 
 
 def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.ndarray,

@@ -347,14 +347,9 @@ def build_tables(pairs: list[Pair], presets: list[str], out, state_path=None, cl
     With a single modality pair `out` is the table file; with several it is a folder of
     ``MOVING_to_FIXED.json`` files.
     """
-    from .presets import load_catalog
+    from .presets import require_catalog_names
 
-    catalog = load_catalog()
-    unknown = [n for n in presets if n not in catalog]
-    if unknown:
-        raise InputError(f"unknown preset(s) {', '.join(unknown)} (known: {', '.join(sorted(catalog))})")
-    if not presets:
-        raise InputError("--presets needs at least one preset name")
+    require_catalog_names(presets)
     out = Path(out)
     modality_pairs = sorted({p.modality_pair for p in pairs})
     if len(modality_pairs) > 1 and out.suffix.lower() == ".json":

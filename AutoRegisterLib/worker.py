@@ -20,22 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-
-def transform_filename(transform) -> str:
-    """`transform.tfm` for a linear transform, `transform.h5` for anything holding a field."""
-    return "transform.tfm" if transform.IsLinear() else "transform.h5"
-
-
-def write_transform(transform, folder: Path, stem: str = "transform") -> Path:
-    """Write a SimpleITK transform atomically into `folder`; return its path."""
-    import SimpleITK as sitk
-
-    name = transform_filename(transform).replace("transform", stem, 1)
-    final = Path(folder) / name
-    tmp = final.with_name(f".{final.stem}.partial{final.suffix}")
-    sitk.WriteTransform(transform, str(tmp))
-    os.replace(tmp, final)
-    return final
+from .transforms import write_transform
 
 
 def _write_status(out: Path, status: dict) -> None:

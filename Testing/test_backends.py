@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from AutoRegisterDev.data import make_case, point_error_mm
 from AutoRegisterLib.backends import BACKEND_NAMES, Preset, availability_report, get_backend
-from AutoRegisterLib.backends.base import as_affine, check_params, set_threads
-from AutoRegisterLib.backends.elastix import affine_from_field
-from AutoRegisterLib.data import make_case, point_error_mm
+from AutoRegisterLib.backends.base import check_params, set_threads
 from AutoRegisterLib.errors import BackendUnavailable, InputError
 from AutoRegisterLib.image import Image, to_sitk
+from AutoRegisterLib.presets import CATALOG_PATH
+from AutoRegisterLib.transforms import affine_from_field, as_affine
 
 ROOT = Path(__file__).resolve().parents[1]
-CATALOG = json.loads((ROOT / "Resources" / "Presets" / "presets.json").read_text())
+CATALOG = json.loads(CATALOG_PATH.read_text())
 PRESETS = {d["name"]: Preset.from_dict(d) for d in CATALOG["presets"]}
 VOXEL_MM = 4.0
 
@@ -187,7 +188,7 @@ def test_deformable_preset_gives_a_fixed_grid_field_that_recovers_a_known_misali
     field = sitk.DisplacementFieldTransform(out.transform).GetDisplacementField()
     assert field.GetSize() == case.fixed.size
     assert np.allclose(field.GetOrigin(), case.fixed.origin_mm) and np.allclose(field.GetSpacing(), case.fixed.spacing_mm)
-    from AutoRegisterLib.data import initial_error_mm
+    from AutoRegisterDev.data import initial_error_mm
 
     assert initial_error_mm(case, mask) > 8.0
     assert point_error_mm(case, out.transform, mask) < VOXEL_MM
@@ -207,7 +208,7 @@ def test_simpleitk_registration_is_reproducible(rigid_case4):
 
 
 def test_a_2d_pair_registers_with_simpleitk():
-    from AutoRegisterLib.data import load_icbm
+    from AutoRegisterDev.data import load_icbm
 
     t1 = load_icbm("t1", 4.0)
     mid = t1.array.shape[0] // 2

@@ -9,10 +9,12 @@ slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 vtk = pytest.importorskip("vtk")
 
-from AutoRegisterLib import data, mrml  # noqa: E402
+from AutoRegisterDev import data  # noqa: E402
+from AutoRegisterLib import mrml  # noqa: E402
 from AutoRegisterLib.backends.base import warp_with  # noqa: E402
 from AutoRegisterLib.errors import InputError  # noqa: E402
 from AutoRegisterLib.image import Image, resample_to_grid, to_sitk  # noqa: E402
+from AutoRegisterLib.transforms import displacement_field  # noqa: E402
 
 F = mrml.LPS_FROM_RAS
 
@@ -176,7 +178,7 @@ def test_linear_transform_node_maps_fixed_to_moving_points_like_the_sitk_transfo
 
 def test_grid_transform_node_maps_points_like_the_displacement_field(tmp_path):
     reference = oblique_image()
-    field = mrml.displacement_field_lps(smooth_bspline(reference), reference)
+    field = displacement_field(smooth_bspline(reference), reference)
     transform = sitk.DisplacementFieldTransform(sitk.Image(field))
     scene = slicer.vtkMRMLScene()
     node = mrml.transform_node_from_transform(transform, scene, "grid")
@@ -337,7 +339,7 @@ def test_nonlinear_result_as_a_parent_transform_reproduces_the_library_warp(regi
     moving_node.SetAndObserveTransformNodeID(node.GetID())
     through_mrml = reslice_through_parent_transform(moving_node, fixed_node)
     # The library's warp through the same field (what the engine writes as transform.h5).
-    field = sitk.DisplacementFieldTransform(sitk.Image(mrml.displacement_field_lps(deformable, fixed_image)))
+    field = sitk.DisplacementFieldTransform(sitk.Image(displacement_field(deformable, fixed_image)))
     warped = warp_with(field, fixed_image, moving_image)
     library, inside = warped.warped.array, warped.valid_mask
     scale = np.abs(library[inside]).max()

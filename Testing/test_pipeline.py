@@ -15,7 +15,7 @@ import pytest
 import torch
 from worker_faults import HANGING, on_start
 
-from AutoRegisterLib.data import point_error_mm
+from AutoRegisterDev.data import point_error_mm
 from AutoRegisterLib.errors import Cancelled
 from AutoRegisterLib.pipeline import auto_register
 from AutoRegisterLib.presets import TABLES_DIR

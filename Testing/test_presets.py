@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from AutoRegisterLib.errors import InputError
 from AutoRegisterLib.image import from_numpy
+from AutoRegisterLib.modality import MODALITIES, guess_modality, modality_or_guess
 from AutoRegisterLib.presets import (
-    MODALITIES,
+    AUTOMATIC,
     TABLES_DIR,
+    Table,
     find_table,
-    guess_modality,
     list_tables,
     load_catalog,
     load_table,
+    require_catalog_names,
+    resolve_table,
     table_from_presets,
 )
 
@@ -88,6 +92,29 @@ def test_user_table_folder_overrides_builtin_pair(tmp_path, monkeypatch):
     assert chosen.name == "my_T2" and [p.name for p in chosen.presets] == ["ants-rigid"]
 
 
+def test_one_bad_user_table_is_skipped_and_reported_without_hiding_the_others(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("AUTOREGISTER_TABLES", str(tmp_path))
+    good = json.loads((TABLES_DIR / "T2_to_T1.json").read_text())
+    good.update(name="my_T2", presets=["ants-rigid"], racing=None)
+    (tmp_path / "b_good.json").write_text(json.dumps(good))
+    (tmp_path / "a_not_json.json").write_text("{ this is not JSON")
+    (tmp_path / "c_binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "d_bad_field.json").write_text(json.dumps(dict(good, fixed_modality="XR")))
+    errors: list[str] = []
+    with caplog.at_level("WARNING"):
+        tables = list_tables(errors=errors)
+    builtin = len(list(TABLES_DIR.iterdir()))
+    assert [t.name for t in tables[builtin:]] == ["my_T2"]
+    assert len(tables) == builtin + 1
+    assert [e.split(":")[0].rsplit("/", 1)[-1] for e in errors] == ["a_not_json.json", "c_binary.json",
+                                                                      "d_bad_field.json"]
+    assert "fixed_modality" in errors[2]
+    assert sum("skipping preset table" in r.getMessage() for r in caplog.records) == 3
+    # "Automatic" still works: the good user table for its pair, the built-in ones for the others.
+    assert find_table("T1", "T2").name == "my_T2"
+    assert find_table("T1", "CT").name == "CT_to_T1"
+    assert resolve_table(AUTOMATIC, "T1", "FLAIR").name == "FLAIR_to_T1"
+
 def test_presets_option_keeps_the_table_scoring():
     base = find_table("T1", "CT")
     custom = table_from_presets(["sitk-rigid", "ants-rigid"], base)
@@ -106,6 +133,46 @@ def test_ct_is_recognised_by_its_hounsfield_range():
     mr = rng.uniform(0, 800, size=(20, 20, 20)).astype(np.float32)
     assert guess_modality(from_numpy(mr)) == "MR"
     assert set(MODALITIES) >= {"CT", "MR"}
+    assert modality_or_guess("t2", from_numpy(ct), "fixed modality") == "T2"
+    assert modality_or_guess(None, from_numpy(ct), "fixed modality") == "CT"
+    with pytest.raises(InputError, match="fixed modality must be one of"):
+        modality_or_guess("XR", from_numpy(ct), "fixed modality")
+
+
+def test_a_table_is_chosen_by_object_automatic_path_or_name(tmp_path):
+    t2 = find_table("T1", "T2")
+    assert resolve_table(t2, "T1", "CT") is t2
+    for automatic in (None, "", AUTOMATIC):
+        assert resolve_table(automatic, "T1", "CT").name == "CT_to_T1"
+    assert resolve_table("MR_to_MR", "T1", "T2").name == "MR_to_MR"
+    path = _write(tmp_path, name="from_a_file")
+    assert resolve_table(path, "T1", "T2").name == "from_a_file"
+    assert resolve_table(str(path), "T1", "T2").name == "from_a_file"
+    with pytest.raises(InputError, match="file not found"):
+        resolve_table(str(tmp_path / "missing.json"), "T1", "T2")
+    with pytest.raises(InputError, match="no preset table named 'nope'"):
+        resolve_table("nope", "T1", "T2")
+
+
+def test_overrides_switch_presets_off_and_change_the_window():
+    table = find_table("T1", "T2")
+    changed = table.with_overrides(disabled={"sitk-rigid"}, window_voxels=7)
+    assert "sitk-rigid" not in [p.name for p in changed.presets]
+    assert changed.scoring.window_voxels == 7 and table.scoring.window_voxels == 5
+    assert table.with_overrides() == table
+    with pytest.raises(InputError, match="switched off"):
+        table.with_overrides(disabled=[p.name for p in table.presets])
+    with pytest.raises(InputError, match="window_voxels"):
+        table.with_overrides(window_voxels=4)
+    assert isinstance(changed, Table)
+
+
+def test_catalog_names_are_checked_in_one_place():
+    assert [p.name for p in require_catalog_names(["sitk-rigid", "ants-rigid"])] == ["sitk-rigid", "ants-rigid"]
+    with pytest.raises(InputError, match=r"unknown preset\(s\) nope"):
+        require_catalog_names(["sitk-rigid", "nope"])
+    with pytest.raises(InputError, match="at least one"):
+        require_catalog_names([])
 
 
 def test_switching_presets_off_keeps_the_table_valid(tmp_path):
@@ -132,7 +199,7 @@ def test_a_table_with_inline_presets_survives_its_plain_data_form(tmp_path):
 def test_the_readme_example_table_loads_and_its_params_are_valid(tmp_path):
     from AutoRegisterLib.backends import get_backend
 
-    readme = (TABLES_DIR.parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     example = readme.split("## Preset tables", 1)[1].split("```json", 1)[1].split("```", 1)[0]
     path = tmp_path / "example.json"
     path.write_text(example)

@@ -374,7 +374,7 @@ def test_extreme_anisotropy_thick_slices_against_isotropic_still_registers(priva
 
 
 def test_two_2d_slices_register_with_both_backends_and_write_2d_outputs(private_tmp, tmp_path):
-    from AutoRegisterLib.data import load_icbm
+    from AutoRegisterDev.data import load_icbm
 
     t1 = load_icbm("t1", 4.0)
     fixed = from_numpy(t1.array[t1.array.shape[0] // 2], t1.spacing_mm[:2], t1.origin_mm[:2])

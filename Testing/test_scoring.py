@@ -8,14 +8,8 @@ import SimpleITK as sitk
 
 from AutoRegisterLib.backends.base import warp_with
 from AutoRegisterLib.image import Image, to_sitk
-from AutoRegisterLib.presets import ScoringSettings
-from AutoRegisterLib.scoring import (
-    choose_best,
-    combined_score,
-    head_mask,
-    jacobian_determinant,
-    score_candidate,
-)
+from AutoRegisterLib.scoring import ScoringSettings, choose_best, combined_score, head_mask, score_candidate
+from AutoRegisterLib.transforms import jacobian_determinant
 
 SETTINGS = ScoringSettings()
 
@@ -28,7 +22,7 @@ def test_head_mask_covers_the_head_and_not_the_background(icbm4):
     centre = tuple(n // 2 for n in mask.shape)
     assert mask[centre]
     # The skull-stripped brain lies inside the head mask.
-    from AutoRegisterLib.data import load_icbm
+    from AutoRegisterDev.data import load_icbm
 
     brain = load_icbm("brainmask", 4.0).array > 0
     assert (mask & brain).sum() >= 0.99 * brain.sum()

@@ -134,7 +134,7 @@ def test_cmake_declares_the_extension_module_library_and_test():
     assert 'EXTENSION_CATEGORY "Registration"' in top
     module = (MODULE_DIR / "CMakeLists.txt").read_text()
     for key in ("slicerMacroBuildScriptedModule", "MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES",
-                "slicer_add_python_unittest", "AutoRegisterLib", "Presets"):
+                "slicer_add_python_unittest", "AutoRegisterLib", "AutoRegisterLib/resources/presets"):
         assert key in module, key
     for resource in ("Resources/UI/", "Resources/Icons/"):
         assert resource in module
@@ -186,7 +186,8 @@ def logic_module(monkeypatch):
 @pytest.fixture()
 def case_nodes(tmp_path):
     slicer = pytest.importorskip("slicer")
-    from AutoRegisterLib import data, mrml
+    from AutoRegisterDev import data
+    from AutoRegisterLib import mrml
     from AutoRegisterLib.errors import InputError
 
     try:
@@ -233,7 +234,8 @@ def _alive(pid: int) -> bool:
 def test_logic_register_runs_the_engine_and_sets_the_moving_parent_transform(logic_module, case_nodes):
     AutoRegister, slicer = logic_module
     case, scene, fixed, moving, table = case_nodes
-    from AutoRegisterLib import data, mrml
+    from AutoRegisterDev import data
+    from AutoRegisterLib import mrml
 
     logic = AutoRegister.AutoRegisterLogic(scene=scene)
     voxels_before = mrml.image_from_volume_node(moving).array.copy()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from AutoRegisterDev.data import make_case
 from AutoRegisterLib import tables
 from AutoRegisterLib.cli import main
-from AutoRegisterLib.data import make_case
 from AutoRegisterLib.errors import Cancelled
 from AutoRegisterLib.image import resample_to_grid, write_image
 from AutoRegisterLib.presets import load_table

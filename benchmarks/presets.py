@@ -1,7 +1,7 @@
 """Time and true point error of every preset on the demo-like case (ICBM T2->T1 at 2 mm).
 
 The case: rotation up to ±10°, ~8 mm translation and a ~4 mm (per control point) smooth B-spline warp; the error is
-the mean |G(T(x)) - x| over the fixed head mask (see AutoRegisterLib/data.py).
+the mean |G(T(x)) - x| over the fixed head mask (see AutoRegisterDev/data.py).
 
     python benchmarks/presets.py [--spacing 2] [--seeds 0,1] [--presets a,b] [--threads 2]
 """
@@ -16,15 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from AutoRegisterDev.data import initial_error_mm, load_icbm, make_case, point_error_mm  # noqa: E402
 from AutoRegisterLib.backends import Preset, get_backend  # noqa: E402
-from AutoRegisterLib.data import initial_error_mm, load_icbm, make_case, point_error_mm  # noqa: E402
+from AutoRegisterLib.presets import CATALOG_PATH  # noqa: E402
 from AutoRegisterLib.scoring import head_mask  # noqa: E402
-
-PRESETS_JSON = Path(__file__).resolve().parents[1] / "Resources" / "Presets" / "presets.json"
 
 
 def demo_case(spacing_mm: float, seed: int, rotation_deg: float = 10.0):
-    """ICBM T2 -> T1 with a known rigid + smooth nonlinear misalignment, as in AutoRegisterLib/demo.py."""
+    """ICBM T2 -> T1 with a known rigid + smooth nonlinear misalignment, as in AutoRegisterDev/demo.py."""
     fixed = load_icbm("t1", spacing_mm)
     source = load_icbm("t2", spacing_mm)
     return make_case(source, fixed, seed, rotation_deg=rotation_deg, translation_mm=8.0, warp_mm=4.0)
@@ -40,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
-    catalog = [Preset.from_dict(d) for d in json.loads(PRESETS_JSON.read_text())["presets"]]
+    catalog = [Preset.from_dict(d) for d in json.loads(CATALOG_PATH.read_text())["presets"]]
     wanted = [p for p in catalog if not args.presets or p.name in args.presets.split(",")]
     rows = []
     # Toolkit loading is paid once per worker process; time it apart so the per-preset times compare.

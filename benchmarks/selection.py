@@ -27,9 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from AutoRegisterLib.backends import get_backend  # noqa: E402
-from AutoRegisterLib.backends.base import warp_with  # noqa: E402
-from AutoRegisterLib.data import (  # noqa: E402
+from AutoRegisterDev.data import (  # noqa: E402
     isotropic_grid,
     label_dice,
     load_ct,
@@ -37,17 +35,20 @@ from AutoRegisterLib.data import (  # noqa: E402
     make_case,
     point_error_mm,
 )
+from AutoRegisterLib.backends import get_backend  # noqa: E402
+from AutoRegisterLib.backends.base import warp_with  # noqa: E402
 from AutoRegisterLib.errors import InputError  # noqa: E402
 from AutoRegisterLib.image import Image, from_sitk, resample_to_grid, to_sitk  # noqa: E402
 from AutoRegisterLib.pipeline import auto_register  # noqa: E402
-from AutoRegisterLib.presets import TABLES_DIR, ScoringSettings, load_catalog, load_table  # noqa: E402
+from AutoRegisterLib.presets import TABLES_DIR, load_catalog, load_table  # noqa: E402
 from AutoRegisterLib.scoring import (  # noqa: E402
+    ScoringSettings,
     choose_best,
     combined_score,
     head_mask,
-    jacobian_determinant,
     score_candidate,
 )
+from AutoRegisterLib.transforms import jacobian_determinant  # noqa: E402
 
 CLASSES = {
     "rigid": {"rotation_deg": 12.0, "translation_mm": 10.0},

@@ -34,8 +34,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from AutoRegisterLib.similarity import lncc  # noqa: E402
-from AutoRegisterLib.similarity.lncc import FLAT_VARIANCE  # noqa: E402
+from AutoRegisterLib.similarity import FLAT_VARIANCE, lncc  # noqa: E402
 
 FORWARD_SHAPE = (160, 192, 224)
 BACKWARD_SHAPE = (96, 112, 96)

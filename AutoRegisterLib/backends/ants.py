@@ -35,15 +35,8 @@ import numpy as np
 
 from ..errors import BackendUnavailable, InputError
 from ..image import Image, to_ants
-from .base import (
-    Backend,
-    Preset,
-    as_affine,
-    check_params,
-    field_transform_from_image,
-    same_length,
-    set_threads,
-)
+from ..transforms import as_affine, field_transform_from_image
+from .base import Backend, Preset, check_params, same_length, set_threads
 
 DEFAULTS = {
     "type_of_transform": "",

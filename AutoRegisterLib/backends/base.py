@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailable, InputError
-from ..image import Image, resample_to_grid, to_sitk
+from ..image import Image, resample_to_grid
+
+# The transform helpers live in ../transforms.py; backends/brainsfit.py still imports them from here.
+from ..transforms import as_affine, dense_field, field_transform_from_image  # noqa: F401
 
 TRANSFORM_TYPES = ("rigid", "affine", "deformable")
 
@@ -167,38 +170,3 @@ def set_threads(threads: int) -> int:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     return threads
-
-
-def as_affine(transform):
-    """Express any linear SimpleITK transform (Euler, Versor, Similarity, Affine) as an AffineTransform."""
-    import SimpleITK as sitk
-
-    dim = transform.GetDimension()
-    generic = sitk.Transform(transform)
-    matrix = np.array(transform.GetMatrix()).reshape(dim, dim) if hasattr(transform, "GetMatrix") else None
-    if matrix is None:
-        # Recover the matrix from images of the unit vectors: works for any linear transform.
-        origin = np.array(generic.TransformPoint((0.0,) * dim))
-        matrix = np.stack([np.array(generic.TransformPoint(tuple(e))) - origin for e in np.eye(dim)], axis=1)
-    center = transform.GetCenter() if hasattr(transform, "GetCenter") else (0.0,) * dim
-    center = np.asarray(center, dtype=np.float64)
-    # T(x) = A (x - c) + c + t  =>  t = T(c) - c
-    translation = np.array(generic.TransformPoint(tuple(center))) - center
-    return sitk.AffineTransform(tuple(matrix.ravel()), tuple(translation), tuple(center))
-
-
-def dense_field(transform, fixed: Image):
-    """Sample any fixed->moving transform on the fixed grid as one DisplacementFieldTransform."""
-    import SimpleITK as sitk
-
-    ref = to_sitk(fixed, np.uint8)
-    disp = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
-                                              ref.GetSpacing(), ref.GetDirection())
-    return sitk.DisplacementFieldTransform(disp)
-
-
-def field_transform_from_image(field_image):
-    """Wrap a displacement-field image (any vector pixel type, LPS vectors) as a DisplacementFieldTransform."""
-    import SimpleITK as sitk
-
-    return sitk.DisplacementFieldTransform(sitk.Cast(field_image, sitk.sitkVectorFloat64))

@@ -40,7 +40,8 @@ import numpy as np
 
 from ..errors import BackendUnavailable, InputError
 from ..image import Image, to_itk, write_image
-from .base import Backend, Preset, check_params, field_transform_from_image, set_threads
+from ..transforms import affine_from_field, field_transform_from_image
+from .base import Backend, Preset, check_params, set_threads
 
 DEFAULTS = {
     "stages": ["rigid"],
@@ -269,29 +270,3 @@ def _call(cmd: list, tool: str) -> None:
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
         raise RuntimeError(f"{tool} failed with exit code {proc.returncode}: {' | '.join(tail)}")
-
-
-def affine_from_field(field, max_residual_mm: float = 0.05):
-    """Fit the AffineTransform whose displacement is `field` (a linear chain sampled on a grid)."""
-    import SimpleITK as sitk
-
-    disp = sitk.GetArrayFromImage(field).reshape(-1, field.GetDimension()).astype(np.float64)
-    dim = field.GetDimension()
-    size = field.GetSize()
-    idx = np.stack(np.meshgrid(*[np.arange(n) for n in reversed(size)], indexing="ij"), -1)
-    idx = idx.reshape(-1, dim)[:, ::-1].astype(np.float64)  # (x, y, z) order, matching the flattened array
-    m = np.array(field.GetDirection()).reshape(dim, dim) @ np.diag(field.GetSpacing())
-    points = idx @ m.T + np.array(field.GetOrigin())
-    # Centre the fit on the grid centre: better conditioned, and the centre is kept for the .tfm file.
-    center = points.mean(axis=0)
-    design = np.hstack([points - center, np.ones((len(points), 1))])
-    target = points + disp
-    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
-    residual = np.abs(design @ coef - target).max()
-    if residual > max_residual_mm:
-        raise RuntimeError(f"elastix's linear chain is not affine on the grid (residual {residual:.3f} mm)")
-    matrix = coef[:dim].T
-    # T(x) = A (x - c) + b  =>  with centre c, translation = b - c
-    translation = coef[dim] - center
-    return sitk.AffineTransform(tuple(matrix.ravel()), tuple(translation), tuple(center))
-

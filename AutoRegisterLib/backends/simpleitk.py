@@ -32,7 +32,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..image import Image, to_sitk
-from .base import Backend, Preset, as_affine, check_params, same_length, set_threads
+from ..transforms import as_affine
+from .base import Backend, Preset, check_params, same_length, set_threads
 
 DEFAULTS = {
     "initialization": "moments",

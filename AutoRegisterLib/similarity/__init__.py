@@ -13,10 +13,10 @@ Public API (a contract other code depends on):
 See ``lncc.py`` for the formula, the numerics and the boundary rules.
 """
 
-from ._fused_cpu import compile_kernels
+from ._inputs import FLAT_VARIANCE, ZEROS_EPS
 from .box import box_filter
 from .global_metrics import mutual_information, zncc
-from .lncc import ENGINES, FLAT_VARIANCE, ZEROS_EPS, LNCCLoss, lncc, zncc_map
+from .lncc import ENGINES, LNCCLoss, compile_kernels, lncc, zncc_map
 from .local_std import STD_FLOOR, LocalStd, local_std
 
 __all__ = [

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .lncc import FLAT_VARIANCE, ZEROS_EPS
+from ._inputs import FLAT_VARIANCE, ZEROS_EPS
 
 #: Target size of one work item's ring of plane sums; small enough to stay in a core's L2 cache.
 RING_BYTES = 1 << 21
@@ -203,18 +203,3 @@ def fused_reduction(f, m, mask, rad, boundary: str, reduction: str, signed: bool
         count = f.numel() if mask is None else int(mask.sum())
         total = total / max(count, 1)
     return total
-
-
-def compile_kernels() -> None:
-    """Compile the kernels for float32 and float64 inputs into numba's on-disk cache (run once at install:
-    compiling takes about 10 s on the first call, while loading from the cache takes a fraction of a second)."""
-    from .lncc import lncc, zncc_map
-
-    if not available()[0]:
-        return
-    for dtype in (torch.float32, torch.float64):
-        f = torch.rand(6, 7, 8, dtype=dtype, requires_grad=True)
-        m = torch.rand(6, 7, 8, dtype=dtype)
-        mask = torch.ones(6, 7, 8)
-        lncc(f, m, window=3, mask=mask, engine="fused_cpu").backward()
-        zncc_map(f, m, window=3, mask=mask, engine="fused_cpu").sum().backward()

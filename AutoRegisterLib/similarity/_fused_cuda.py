@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .lncc import FLAT_VARIANCE, ZEROS_EPS
+from ._inputs import FLAT_VARIANCE, ZEROS_EPS
 
 _BOX_AXIS = r"""
 extern "C" __global__

@@ -14,6 +14,13 @@ _ACCEPTED = _EXACT_IN_FLOAT32 + (torch.int32, torch.uint32, torch.int64, torch.f
 BOUNDARIES = ("valid", "zeros")
 REDUCTIONS = ("mean", "sum", "none")
 
+# The two numeric constants every engine shares (see lncc.py for what they mean); they live here,
+# below lncc.py and the fused engines, so that the engines need not import lncc.py, which runs them.
+#: Local variance (per voxel, relative to the image's global variance) below which a window is flat.
+FLAT_VARIANCE = 1e-6
+#: VoxelMorph's stabiliser, added to varF·varM in ``boundary="zeros"``.
+ZEROS_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class Layout:

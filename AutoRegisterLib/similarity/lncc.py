@@ -47,15 +47,22 @@ import math
 import torch
 from torch import nn
 
-from ._inputs import BOUNDARIES, REDUCTIONS, Layout, check_choice, radii, reduce_map, to_batch
+from ._inputs import (
+    BOUNDARIES,
+    FLAT_VARIANCE,
+    REDUCTIONS,
+    ZEROS_EPS,
+    Layout,
+    check_choice,
+    radii,
+    reduce_map,
+    to_batch,
+)
 from .box import TORCH_ENGINES, box_filter, window_counts
 
-#: Local variance (per voxel, relative to the image's global variance) below which a window is flat.
-FLAT_VARIANCE = 1e-6
-#: VoxelMorph's stabiliser, added to varF·varM in ``boundary="zeros"``.
-ZEROS_EPS = 1e-5
-
-ENGINES = ("auto",) + TORCH_ENGINES + ("fused_cpu", "cupy")
+#: The fused engines, and the device type (with its name in messages) their tensors must be on.
+FUSED_DEVICE = {"fused_cpu": ("cpu", "CPU"), "cupy": ("cuda", "CUDA")}
+ENGINES = ("auto",) + TORCH_ENGINES + tuple(FUSED_DEVICE)
 
 
 def standardize(x: torch.Tensor, mask: torch.Tensor | None):
@@ -142,42 +149,33 @@ def resolve_engine(engine: str, device: torch.device, spatial_ndim: int) -> str:
     """
     check_choice(engine, ENGINES, "engine")
     if engine == "auto":
-        if device.type == "cuda":
-            from . import _fused_cuda
-
-            return "cupy" if _fused_cuda.available()[0] else "fft"
-        from . import _fused_cpu
-
-        return "fused_cpu" if _fused_cpu.available()[0] else "running_sum"
-    if engine == "fused_cpu":
-        from . import _fused_cpu
-
-        ok, why = _fused_cpu.available()
+        fused, fallback = ("cupy", "fft") if device.type == "cuda" else ("fused_cpu", "running_sum")
+        return fused if _fused_module(fused).available()[0] else fallback
+    if engine in FUSED_DEVICE:
+        ok, why = _fused_module(engine).available()
         if not ok:
-            raise RuntimeError(f"engine 'fused_cpu' cannot run: {why}")
-        if device.type != "cpu":
-            raise RuntimeError(f"engine 'fused_cpu' runs on CPU tensors, got device {device}")
+            raise RuntimeError(f"engine {engine!r} cannot run: {why}")
+        device_type, device_name = FUSED_DEVICE[engine]
+        if device.type != device_type:
+            raise RuntimeError(f"engine {engine!r} runs on {device_name} tensors, got device {device}")
+    return engine
+
+
+def _fused_module(engine: str):
+    """The module of a fused engine, imported on first use (numba and CuPy take seconds to load)."""
     if engine == "cupy":
         from . import _fused_cuda
 
-        ok, why = _fused_cuda.available()
-        if not ok:
-            raise RuntimeError(f"engine 'cupy' cannot run: {why}")
-        if device.type != "cuda":
-            raise RuntimeError(f"engine 'cupy' runs on CUDA tensors, got device {device}")
-    return engine
+        return _fused_cuda
+    from . import _fused_cpu
+
+    return _fused_cpu
 
 
 def _compute_map(f, m, mk, rad, boundary, chosen, signed):
     """The (B, *spatial) map from already batched inputs with the resolved engine."""
-    if chosen == "fused_cpu":
-        from ._fused_cpu import fused_map
-
-        return fused_map(f, m, mk, rad, boundary, signed)
-    if chosen == "cupy":
-        from ._fused_cuda import fused_map
-
-        return fused_map(f, m, mk, rad, boundary, signed)
+    if chosen in FUSED_DEVICE:
+        return _fused_module(chosen).fused_map(f, m, mk, rad, boundary, signed)
     return _maps_torch(f, m, mk, rad, boundary, chosen, signed)
 
 
@@ -265,4 +263,19 @@ class LNCCLoss(nn.Module):
         return f"window={self.window}, boundary={self.boundary!r}, reduction={self.reduction!r}"
 
 
-__all__ = ["lncc", "zncc_map", "LNCCLoss", "FLAT_VARIANCE", "ZEROS_EPS", "ENGINES", "Layout"]
+
+def compile_kernels() -> None:
+    """Compile the fused CPU kernels for float32 and float64 inputs into numba's on-disk cache (run once at
+    install: compiling takes about 10 s on the first call, while loading from the cache takes a fraction of a
+    second). It runs the public functions, so exactly the specialisations a real call needs are compiled."""
+    if not _fused_module("fused_cpu").available()[0]:
+        return
+    for dtype in (torch.float32, torch.float64):
+        f = torch.rand(6, 7, 8, dtype=dtype, requires_grad=True)
+        m = torch.rand(6, 7, 8, dtype=dtype)
+        mask = torch.ones(6, 7, 8)
+        lncc(f, m, window=3, mask=mask, engine="fused_cpu").backward()
+        zncc_map(f, m, window=3, mask=mask, engine="fused_cpu").sum().backward()
+
+
+__all__ = ["lncc", "zncc_map", "LNCCLoss", "compile_kernels", "FLAT_VARIANCE", "ZEROS_EPS", "ENGINES", "Layout"]

@@ -16,12 +16,13 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     """Run the demo and print its checks; return 0 when a result was kept, 3 when no preset succeeded."""
-    from .cli import ProgressBar
+    from AutoRegisterLib.cli import ProgressBar
+    from AutoRegisterLib.image import write_image
+    from AutoRegisterLib.pipeline import auto_register
+    from AutoRegisterLib.report import format_table
+    from AutoRegisterLib.scoring import head_mask
+
     from .data import initial_error_mm, label_dice, load_icbm, make_case, point_error_mm
-    from .image import write_image
-    from .pipeline import auto_register
-    from .report import format_table
-    from .scoring import head_mask
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out")

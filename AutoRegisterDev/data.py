@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .image import Image, from_sitk, resample_to_grid, to_sitk
+from AutoRegisterLib.errors import InputError
+from AutoRegisterLib.image import Image, from_sitk, resample_to_grid, to_sitk
 
 CT_ARCHIVE = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 
