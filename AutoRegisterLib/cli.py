@@ -1,33 +1,26 @@
 """Command line: ``autoregister FIXED MOVING --out DIR`` (also ``python -m AutoRegisterLib``).
 
-Exit codes: 0 a result was kept; 2 bad input or usage (one line on stderr, no traceback);
-3 no preset succeeded; 130 cancelled with Ctrl-C.
+Exit codes (`events.ExitCode`): 0 a result was kept; 2 bad input or usage (one line on stderr, no
+traceback); 3 no preset succeeded; 130 cancelled with Ctrl-C.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import threading
-import time
 
+from .cli_common import Parser, ProgressBar  # noqa: F401  (ProgressBar: also imported from here)
 from .errors import Cancelled, InputError
+from .events import ExitCode, event_line
 
-EXIT_OK, EXIT_USAGE, EXIT_NO_RESULT, EXIT_CANCELLED = 0, 2, 3, 130
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in one line with exit code 2."""
-
-    def error(self, message):
-        """Print one line and exit 2."""
-        self.exit(EXIT_USAGE, f"autoregister: error: {message}\n")
+# Older names of the exit codes, for code that imported them from here.
+EXIT_OK, EXIT_USAGE, EXIT_NO_RESULT, EXIT_CANCELLED = (ExitCode.OK, ExitCode.USAGE, ExitCode.NO_RESULT,
+                                                       ExitCode.CANCELLED)
+_Parser = Parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The argument parser of the register command."""
-    p = _Parser(prog="autoregister", description="One-click registration of MOVING onto FIXED.")
+    p = Parser(prog="autoregister", description="One-click registration of MOVING onto FIXED.")
     p.add_argument("fixed", help="fixed (reference) image: NIfTI, NRRD, MHA or a DICOM folder")
     p.add_argument("moving", help="moving image, registered onto the fixed image")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -48,41 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr, redrawn as events arrive and every half second."""
-
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        """Draw onto `stream`."""
-        self.stream, self.width = stream, width
-        self.fraction, self.running, self.start = 0.0, set(), time.perf_counter()
-        self.lock = threading.Lock()
-
-    def __call__(self, event: dict) -> None:
-        """Take one progress event."""
-        with self.lock:
-            if event["event"] == "start":
-                self.running.add(event["candidate"])
-            elif event["event"] == "finish":
-                self.running.discard(event["candidate"])
-                self.fraction = event["fraction"]
-            self.draw()
-
-    def draw(self) -> None:
-        """Redraw the bar."""
-        filled = int(self.width * self.fraction)
-        names = ", ".join(sorted(self.running))[:50]
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {100 * self.fraction:3.0f}% "
-                          f"{time.perf_counter() - self.start:5.0f}s {names:<50}")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """End the bar's line."""
-        self.stream.write("\n")
-        self.stream.flush()
-
-
 def _json_progress(event: dict) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.write(event_line(event) + "\n")
     sys.stdout.flush()
 
 
@@ -122,23 +82,23 @@ def register_main(argv) -> int:
         result.inputs.update(fixed=args.fixed, moving=args.moving)  # before result.json is written
         write_outputs(result, args.out, keep_all=args.keep_all)
     except InputError as exc:
-        return _finish(args, EXIT_USAGE, f"autoregister: error: {exc}")
+        return _finish(args, ExitCode.USAGE, f"autoregister: error: {exc}")
     except (Cancelled, KeyboardInterrupt):
-        return _finish(args, EXIT_CANCELLED, "autoregister: cancelled; nothing was written")
+        return _finish(args, ExitCode.CANCELLED, "autoregister: cancelled; nothing was written")
     if not args.quiet and not args.progress_json:
         print(format_table(result))
         print(f"outputs in {args.out}")
     if result.best is None:
-        return _finish(args, EXIT_NO_RESULT, "autoregister: no preset succeeded; see result.json for the reasons")
-    return _finish(args, EXIT_OK, None)
+        return _finish(args, ExitCode.NO_RESULT, "autoregister: no preset succeeded; see result.json for the reasons")
+    return _finish(args, ExitCode.OK, None)
 
 
-def _finish(args, code: int, message: str | None) -> int:
+def _finish(args, code: ExitCode, message: str | None) -> int:
     if message:
         print(message, file=sys.stderr)
     if getattr(args, "progress_json", False):
-        _json_progress({"event": "done", "exit_code": code, "message": message})
-    return code
+        _json_progress({"event": "done", "exit_code": int(code), "message": message})
+    return int(code)
 
 
 def main(argv=None) -> int:

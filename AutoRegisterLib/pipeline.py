@@ -23,6 +23,7 @@ import numpy as np
 
 from .backends.base import Preset, warp_with
 from .errors import Cancelled, InputError
+from .events import is_cancelled
 from .image import Image, as_image, write_image
 from .presets import (
     MODALITIES,
@@ -115,14 +116,6 @@ class RegistrationResult:
             "scorer_setup_seconds": self.scorer_setup_seconds,
             "versions": versions,
         }
-
-
-def _is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -323,7 +316,7 @@ class Runner:
                                    "threads": lane.threads, "fraction": finished / total()})
         try:
             while True:
-                if _is_cancelled(self.cancel):
+                if is_cancelled(self.cancel):
                     raise Cancelled("registration cancelled")
                 done = [(lane, lane.job, status) for lane in self.lanes
                         if lane.job is not None and (status := self._finished(lane)) is not None]
@@ -423,7 +416,7 @@ class _ScorerSetup:
         """Wait until loaded (a Cancel still ends the wait within 0.1 s); the device to score on."""
         while self._thread.is_alive():
             self._thread.join(0.1)
-            if _is_cancelled(self.cancel):
+            if is_cancelled(self.cancel):
                 raise Cancelled("registration cancelled")
         if self._error is not None:
             raise self._error
