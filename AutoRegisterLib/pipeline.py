@@ -382,7 +382,12 @@ def resolve_table(fixed: Image, moving: Image, fixed_modality, moving_modality, 
 
 class _ScorerSetup:
     """Loads the scorer (torch, the compiled LNCC kernels), resolves the device and computes the head masks
-    on a background thread, so the workers start at once instead of after it; a score waits for it."""
+    on a background thread, so the workers start at once instead of after it; a score waits for it.
+
+    `close()` must end every run that started it: a thread still inside ``import torch`` when the
+    interpreter exits is killed by the interpreter's shutdown in the middle of C++ code, and the process
+    aborts ("terminate called without an active exception", exit -6) after a run that was otherwise done.
+    """
 
     def __init__(self, device: str, cancel=None):
         self.requested, self.cancel = device, cancel
@@ -390,6 +395,7 @@ class _ScorerSetup:
         self.seconds = 0.0
         self.rounds: list[_Round] = []
         self._error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._load, name="autoregister-scorer-setup", daemon=True)
 
     def start(self) -> None:
@@ -401,16 +407,39 @@ class _ScorerSetup:
         try:
             import torch
 
+            # After each step that cannot be interrupted: a run that is ending skips the rest.
+            if self._stop.is_set():
+                return
             from .similarity import lncc
 
             self.device = _pick_device(self.requested)
+            if self._stop.is_set():
+                return
             tiny = torch.rand(8, 8, 8)
             lncc(tiny, tiny, window=3, mask=torch.ones(8, 8, 8))  # loads the kernels from numba's cache
             for rnd in list(self.rounds):
+                if self._stop.is_set():
+                    return
                 rnd.head()
         except Exception as exc:  # handed to every score, which fails that candidate only
             self._error = exc
-        self.seconds = time.perf_counter() - t0
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stop after the current step and wait for the thread (an import cannot be cut short: up to ~3 s).
+
+        A Ctrl-C during the wait does not cut it short either; it is raised once the thread has ended.
+        """
+        self._stop.set()
+        interrupted = False
+        while self._thread.is_alive():
+            try:
+                self._thread.join(0.1)
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
 
     def ready(self) -> str:
         """Wait until loaded (a Cancel still ends the wait within 0.1 s); the device to score on."""
@@ -611,15 +640,21 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         racing = None  # every raced preset would be kept: a coarse round would only add time
     tmp = Path(tempfile.mkdtemp(prefix="autoregister-"))
     try:
-        with Runner(jobs, timeout_s, tmp / "workers", progress_cb, cancel, memory_limit_mb, threads_per_job,
-                    ncores) as runner:
-            full = _Round(fixed_f, moving_f, fixed_modality, settings, setup, candidates, progress_cb,
-                          runner.free_cores)
-            setup.start()
-            if racing:
-                _race_coarse_to_fine(runner, full, runnable, racing, fixed_modality, tmp, progress_cb)
-            else:
-                runner.run(full.jobs(runnable, tmp / "full"))
+        try:
+            with Runner(jobs, timeout_s, tmp / "workers", progress_cb, cancel, memory_limit_mb, threads_per_job,
+                        ncores) as runner:
+                full = _Round(fixed_f, moving_f, fixed_modality, settings, setup, candidates, progress_cb,
+                              runner.free_cores)
+                setup.start()
+                if racing:
+                    _race_coarse_to_fine(runner, full, runnable, racing, fixed_modality, tmp, progress_cb)
+                else:
+                    runner.run(full.jobs(runnable, tmp / "full"))
+        finally:
+            # Workers are gone (Runner.close); the scorer thread must end too, on every path (see _ScorerSetup).
+            setup.close()
+        if is_cancelled(cancel):  # cancelled while the scorer thread ended: still a cancel
+            raise Cancelled("registration cancelled")
     except KeyboardInterrupt:
         raise Cancelled("registration interrupted") from None
     finally:
