@@ -624,6 +624,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     moving_f = prepare_input(moving_img, "moving")
     if device != "auto":
         _pick_device(device)  # a bad or missing device is a usage error, reported before any work starts
+    _require_torch()
     setup = _ScorerSetup(device, cancel)
 
     candidates = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in chosen.presets}
@@ -676,6 +677,14 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
 
         write_outputs(result, out_dir, keep_all=keep_all)
     return result
+
+
+def _require_torch() -> None:
+    """Fail fast, before any worker starts, when torch (which every score needs) is not installed."""
+    import importlib.util
+
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
+        raise InputError("torch is not installed; AutoRegister needs it to score the results (pip install torch)")
 
 
 def _pick_device(device: str) -> str:
