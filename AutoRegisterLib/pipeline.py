@@ -217,6 +217,9 @@ class Runner:
         if self.memory_limit_mb is not None:
             cmd += ["--memory-limit-mb", str(int(self.memory_limit_mb))]
         env = dict(os.environ)
+        # Slicer's launcher sets it; a worker that loads pip's ITK/ANTs with it set can crash (Slicer clears
+        # it for its own CLIs too). The worker also drops it itself, for launchers that set it again.
+        env.pop("ITK_AUTOLOAD_PATH", None)
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
         env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(lane.threads)
         lane.log = self.run_dir / f"worker-{lane.index}-{time.monotonic_ns()}.log"
@@ -596,7 +599,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
                   table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
                   device: str = "auto", keep_all: bool = False, out_dir=None, progress=None,
                   cancel=None, threads_per_job: int | None = None,
-                  memory_limit_mb: int | None = None) -> RegistrationResult:
+                  memory_limit_mb: int | None = None, work_dir=None) -> RegistrationResult:
     """Run every preset of the table for this modality pair, score each, and return all with the best.
 
     `fixed`/`moving` are paths, SimpleITK/ITK/ANTs images or `Image`s. `table` is a `Table` or a JSON
@@ -605,6 +608,10 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     there atomically (see `report.write_outputs`). A table with a ``racing`` schedule first runs every
     preset on images shrunk by ``coarse_shrink`` and continues only the best ``keep`` at full resolution.
     `memory_limit_mb` caps each worker's address space (posix; ANTs needs about 1500 MB just to load).
+    `work_dir` is where the run's temporary folder goes (default: the system's temporary folder); the
+    engine client puts it inside its run folder, so removing that folder cleans up even after a kill.
+    Raises InputError for bad input and when torch (needed to score) is not installed, before any
+    worker starts, and Cancelled when `cancel` says so (or on Ctrl-C).
     """
     from .backends import get_backend
 
@@ -639,7 +646,11 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     racing = chosen.racing
     if racing and len(_coarse_raced(runnable, racing)) <= racing["keep"]:
         racing = None  # every raced preset would be kept: a coarse round would only add time
-    tmp = Path(tempfile.mkdtemp(prefix="autoregister-"))
+    if is_cancelled(cancel):
+        raise Cancelled("registration cancelled")
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="autoregister-", dir=None if work_dir is None else str(work_dir)))
     try:
         try:
             with Runner(jobs, timeout_s, tmp / "workers", progress_cb, cancel, memory_limit_mb, threads_per_job,
