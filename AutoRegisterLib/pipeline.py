@@ -77,6 +77,12 @@ class Candidate:
         d["transform"] = self.transform_path
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Candidate:
+        """A candidate read back from result.json: every measure and `transform_path`, no transform loaded."""
+        names = set(cls.__dataclass_fields__) - {"transform", "warped", "transform_path"}
+        return cls(**{k: v for k, v in d.items() if k in names}, transform_path=d.get("transform"))
+
 
 @dataclass
 class RegistrationResult:
