@@ -33,6 +33,9 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to 
 FROZEN = {"name": "frozen", "backend": "sitk", "transform_type": "rigid", "params": {}}
 #: A preset that fails at once, so no preset succeeds.
 BROKEN = {"name": "broken", "backend": "sitk", "transform_type": "rigid", "params": {"iterations": -1}}
+#: Grace period of the runs that must end by themselves: long, so that a loaded machine (a cancelled run
+#: waits for torch's import to finish: 2-7 s here with other runs beside it) is not taken for a hung engine.
+GRACE_S = 30.0
 #: What must never appear in an engine's output: an abort or a crash at exit.
 ABORT_MARKERS = ("FATAL", "terminate called", "Aborted", "Fatal Python error", "Segmentation fault",
                  "Traceback")
@@ -130,7 +133,7 @@ class Runs:
         """A new run folder."""
         return new_run_dir(self.root)
 
-    def start(self, inputs_dir: Path, table: str, grace_s: float = 10.0, env_extra=None, run_dir=None,
+    def start(self, inputs_dir: Path, table: str, grace_s: float = GRACE_S, env_extra=None, run_dir=None,
               **options) -> EngineRun:
         """Register the blob pair with `table` (a file in `inputs_dir`); `options` go to engine_command."""
         options = {"jobs": 2, "timeout_s": 60, "fixed_modality": "T1", "moving_modality": "T2", **options}
@@ -140,7 +143,7 @@ class Runs:
         self.started.append(run)
         return run
 
-    def start_argv(self, argv: list[str], run_dir: Path, grace_s: float = 10.0) -> EngineRun:
+    def start_argv(self, argv: list[str], run_dir: Path, grace_s: float = GRACE_S) -> EngineRun:
         """Start a ready-made engine command."""
         run = EngineRun.start(run_dir, argv, env=self.env, grace_s=grace_s)
         self.started.append(run)
