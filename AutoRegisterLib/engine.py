@@ -156,7 +156,8 @@ class EngineRun:
               **command) -> EngineRun:
         """Start the engine for a run folder: from `argv`, or from `engine_command` keyword arguments
         (`fixed_path`, `moving_path`, and its options; `out_dir`, `cancel_file` and `work_dir` default
-        to the run folder's). Options the client needs are added to an `argv` that lacks them."""
+        to the run folder's). Options the client needs (those three and ``--progress-json``) are added,
+        in the run folder, to an `argv` that lacks them."""
         run_dir = Path(run_dir).resolve()
         if argv is None:
             command.setdefault("out_dir", run_dir / OUT_DIR)
@@ -168,6 +169,8 @@ class EngineRun:
                 raise TypeError("give argv or engine_command keyword arguments, not both")
             argv = [str(a) for a in argv]
             extra = []
+            if _option(argv, "--out") is None:
+                extra += ["--out", str(run_dir / OUT_DIR)]
             if _option(argv, "--cancel-file") is None:
                 extra += ["--cancel-file", str(run_dir / CANCEL_FILE)]
             if _option(argv, "--work-dir") is None:

@@ -242,8 +242,13 @@ def test_a_run_says_hello_first_reports_progress_and_reads_back_typed_outputs(in
 
 
 def test_without_result_json_the_outputs_are_empty_and_carry_the_message(inputs, runs):
-    run = runs.start(inputs, "bad.json")
+    # A bare command line: the client adds --out, --cancel-file, --work-dir and --progress-json itself.
+    run_dir = runs.new_dir()
+    run = runs.start_argv([sys.executable, "-m", "AutoRegisterLib", "--table", str(inputs / "bad.json"), "--",
+                           str(inputs / "fixed.nii.gz"), str(inputs / "moving.nii.gz")], run_dir)
+    assert run.out_dir == run_dir / "out" and run.cancel_file.parent == run_dir and "--progress-json" in run.argv
     assert run.wait(timeout=60) == ExitCode.USAGE
+    assert [e["event"] for e in run.events] == ["hello", "done"]
     outputs = run.outputs()
     assert outputs.exit_code == ExitCode.USAGE and not outputs.ok and outputs.candidates == []
     assert "bad.json: not valid JSON" in outputs.message
