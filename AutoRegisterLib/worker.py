@@ -126,7 +126,12 @@ def watch_parent(interval_s: float = 0.5):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     thread = threading.Thread(target=watch, name="autoregister-parent-watch", daemon=True)
-    thread.start()
+    # A small stack: it only polls, and under --memory-limit-mb every MB of address space counts.
+    default_stack = threading.stack_size(256 * 1024)
+    try:
+        thread.start()
+    finally:
+        threading.stack_size(default_stack)
 
     def stop_watching() -> None:
         stop.set()  # the watcher only sleeps on this Event: it ends at once, before the interpreter does
@@ -149,11 +154,12 @@ def main(argv=None) -> int:
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                 "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(max(1, args.threads))
+    # Before the memory cap: under a tight cap there may be no address space left for a thread's stack.
+    stop_watching = watch_parent()
     if os.name == "posix":
         # numpy loads before the cap: OpenBLAS retries forever when it cannot map its buffers.
         from . import image  # noqa: F401
         limit_memory(args.memory_limit_mb)
-    stop_watching = watch_parent()
     try:
         serve(sys.stdin)
     finally:
