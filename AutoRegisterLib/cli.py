@@ -1,33 +1,41 @@
 """Command line: ``autoregister FIXED MOVING --out DIR`` (also ``python -m AutoRegisterLib``).
 
-Exit codes: 0 a result was kept; 2 bad input or usage (one line on stderr, no traceback);
-3 no preset succeeded; 130 cancelled with Ctrl-C.
+Exit codes (`events.ExitCode`): 0 a result was kept; 2 bad input or usage, or torch (needed to score) is
+not installed (one line on stderr, no traceback, before any worker starts); 3 no preset succeeded;
+130 cancelled (Ctrl-C, SIGTERM or ``--cancel-file``).
+
+With ``--progress-json`` the command is the engine of the Slicer module and of `engine.EngineRun`: stdout
+carries one JSON event per line (see `events`), the first ``hello`` with the engine's pid and version,
+the last ``done`` with the exit code. ``--cancel-file PATH`` cancels the run once PATH exists (the engine
+kills its workers, removes its temporary folder and exits 130); ``--work-dir DIR`` puts every temporary
+file of the run (the engine's, the workers', the external tools') under DIR.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
+import signal
 import sys
-import threading
-import time
 
+from .cli_common import Parser, ProgressBar  # noqa: F401  (ProgressBar: also imported from here)
 from .errors import Cancelled, InputError
+from .events import ExitCode, event_line, is_cancelled
 
-EXIT_OK, EXIT_USAGE, EXIT_NO_RESULT, EXIT_CANCELLED = 0, 2, 3, 130
+# Older names of the exit codes, for code that imported them from here.
+EXIT_OK, EXIT_USAGE, EXIT_NO_RESULT, EXIT_CANCELLED = (ExitCode.OK, ExitCode.USAGE, ExitCode.NO_RESULT,
+                                                       ExitCode.CANCELLED)
+_Parser = Parser
+
+#: Set by Slicer's launcher; a process that loads pip's ITK/ANTs with it set can crash (Slicer clears it
+#: for its own CLI modules too: Base/Logic/vtkSlicerCLIModuleLogic.cxx).
+ITK_AUTOLOAD = "ITK_AUTOLOAD_PATH"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in one line with exit code 2."""
-
-    def error(self, message):
-        """Print one line and exit 2."""
-        self.exit(EXIT_USAGE, f"autoregister: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The argument parser of the register command."""
-    p = _Parser(prog="autoregister", description="One-click registration of MOVING onto FIXED.")
+    p = Parser(prog="autoregister", description="One-click registration of MOVING onto FIXED.",
+               epilog="Exit codes: 0 a result was kept; 2 bad input or usage, or torch is not installed; "
+                      "3 no preset succeeded; 130 cancelled.")
     p.add_argument("fixed", help="fixed (reference) image: NIfTI, NRRD, MHA or a DICOM folder")
     p.add_argument("moving", help="moving image, registered onto the fixed image")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -45,66 +53,99 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     p.add_argument("--progress-json", action="store_true",
                    help="write progress events as JSON lines on stdout (for the Slicer module)")
+    p.add_argument("--cancel-file", help="cancel the run (exit 130, nothing written) once this file exists")
+    p.add_argument("--work-dir", help="folder for the run's temporary files (default: the system's)")
     return p
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr, redrawn as events arrive and every half second."""
+def engine_command(fixed_path, moving_path, out_dir, *, python=sys.executable, table_path=None, presets=None,
+                   fixed_modality=None, moving_modality=None, timeout_s=600, device="auto", jobs=None,
+                   keep_all=True, cancel_file=None, work_dir=None, memory_limit_mb=None) -> list[str]:
+    """The argument list that runs the engine (``python -m AutoRegisterLib ... --progress-json``).
 
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        """Draw onto `stream`."""
-        self.stream, self.width = stream, width
-        self.fraction, self.running, self.start = 0.0, set(), time.perf_counter()
-        self.lock = threading.Lock()
-
-    def __call__(self, event: dict) -> None:
-        """Take one progress event."""
-        with self.lock:
-            if event["event"] == "start":
-                self.running.add(event["candidate"])
-            elif event["event"] == "finish":
-                self.running.discard(event["candidate"])
-                self.fraction = event["fraction"]
-            self.draw()
-
-    def draw(self) -> None:
-        """Redraw the bar."""
-        filled = int(self.width * self.fraction)
-        names = ", ".join(sorted(self.running))[:50]
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {100 * self.fraction:3.0f}% "
-                          f"{time.perf_counter() - self.start:5.0f}s {names:<50}")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """End the bar's line."""
-        self.stream.write("\n")
-        self.stream.flush()
+    Built here, beside `build_parser`, so each flag has one owner. `python` is the interpreter, or a list
+    (a launcher, interpreter options). `presets` is a list or comma-separated names (instead of
+    `table_path`); the paths come last, after ``--``, so a file name may start with '-'.
+    """
+    if table_path is not None and presets:
+        raise ValueError("give table_path or presets, not both")
+    interpreter = [str(python)] if isinstance(python, (str, os.PathLike)) else [str(p) for p in python]
+    cmd = interpreter + ["-m", "AutoRegisterLib", "--out", str(out_dir), "--progress-json"]
+    if fixed_modality:
+        cmd += ["--fixed-modality", str(fixed_modality)]
+    if moving_modality:
+        cmd += ["--moving-modality", str(moving_modality)]
+    if table_path is not None:
+        cmd += ["--table", str(table_path)]
+    elif presets:
+        cmd += ["--presets", presets if isinstance(presets, str) else ",".join(presets)]
+    cmd += ["--timeout", str(float(timeout_s)), "--device", str(device)]
+    if jobs:
+        cmd += ["--jobs", str(int(jobs))]
+    if memory_limit_mb:
+        cmd += ["--memory-limit-mb", str(int(memory_limit_mb))]
+    if keep_all:
+        cmd.append("--keep-all")
+    if cancel_file is not None:
+        cmd += ["--cancel-file", str(cancel_file)]
+    if work_dir is not None:
+        cmd += ["--work-dir", str(work_dir)]
+    return cmd + ["--", str(fixed_path), str(moving_path)]
 
 
 def _json_progress(event: dict) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.write(event_line(event) + "\n")
     sys.stdout.flush()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def register_main(argv) -> int:
     """Run the register command; return the exit code."""
-    args = build_parser().parse_args(argv)
-    from .image import read_image
-    from .report import check_output_dir, format_table, write_outputs
+    argv = list(argv)
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    if "--progress-json" in options:
+        from . import __version__
 
+        # First, before anything can fail: the client learns the engine's own pid (not a launcher's).
+        _json_progress({"event": "hello", "pid": os.getpid(), "version": __version__})
+    args = build_parser().parse_args(argv)
+    cancel = None
+    if args.cancel_file:
+        cancel_file = args.cancel_file
+        cancel = lambda: os.path.exists(cancel_file)  # noqa: E731  (polled by the runner every 50 ms)
+    if os.name == "posix" and hasattr(signal, "SIGTERM"):
+        try:  # SIGTERM cancels like Ctrl-C: workers killed, temporary files removed, exit 130
+            signal.signal(signal.SIGTERM, _interrupt)
+        except ValueError:  # not the main thread (register_main called from a thread)
+            pass
+    if args.work_dir:
+        # Everything temporary, in this process and in every worker and tool it starts, goes there.
+        os.makedirs(args.work_dir, exist_ok=True)
+        os.environ["TMPDIR"] = os.environ["TEMP"] = os.environ["TMP"] = os.path.abspath(args.work_dir)
+        import tempfile
+
+        tempfile.tempdir = None  # recomputed from TMPDIR on next use
+    bar = None
     try:
+        if is_cancelled(cancel):
+            raise Cancelled("cancelled before the start")
         if args.jobs is not None and args.jobs < 1:
             raise InputError(f"--jobs must be at least 1, got {args.jobs}")
         if args.timeout <= 0:
             raise InputError(f"--timeout must be positive, got {args.timeout}")
         if args.memory_limit_mb is not None and args.memory_limit_mb <= 0:
             raise InputError(f"--memory-limit-mb must be positive, got {args.memory_limit_mb}")
+        from .image import read_image
+        from .report import check_output_dir, format_table, write_outputs
+
         check_output_dir(args.out)
         fixed = read_image(args.fixed)
         moving = read_image(args.moving)
         from .pipeline import auto_register
 
-        bar = None
         if args.progress_json:
             progress = _json_progress
         elif not args.quiet:
@@ -115,40 +156,51 @@ def register_main(argv) -> int:
             result = auto_register(
                 fixed, moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
                 table=args.table, presets=args.presets, jobs=args.jobs, timeout_s=args.timeout,
-                device=args.device, progress=progress, memory_limit_mb=args.memory_limit_mb)
+                device=args.device, progress=progress, memory_limit_mb=args.memory_limit_mb, cancel=cancel,
+                work_dir=args.work_dir)
         finally:
             if bar is not None:
                 bar.close()
+                bar = None
+        if is_cancelled(cancel):
+            raise Cancelled("cancelled before the outputs were written")
         result.inputs.update(fixed=args.fixed, moving=args.moving)  # before result.json is written
         write_outputs(result, args.out, keep_all=args.keep_all)
     except InputError as exc:
-        return _finish(args, EXIT_USAGE, f"autoregister: error: {exc}")
+        return _finish(args, ExitCode.USAGE, f"autoregister: error: {exc}")
     except (Cancelled, KeyboardInterrupt):
-        return _finish(args, EXIT_CANCELLED, "autoregister: cancelled; nothing was written")
+        if bar is not None:
+            bar.close()
+        return _finish(args, ExitCode.CANCELLED, "autoregister: cancelled; nothing was written")
     if not args.quiet and not args.progress_json:
         print(format_table(result))
         print(f"outputs in {args.out}")
     if result.best is None:
-        return _finish(args, EXIT_NO_RESULT, "autoregister: no preset succeeded; see result.json for the reasons")
-    return _finish(args, EXIT_OK, None)
+        return _finish(args, ExitCode.NO_RESULT, "autoregister: no preset succeeded; see result.json for the reasons")
+    return _finish(args, ExitCode.OK, None)
 
 
-def _finish(args, code: int, message: str | None) -> int:
+def _finish(args, code: ExitCode, message: str | None) -> int:
     if message:
         print(message, file=sys.stderr)
     if getattr(args, "progress_json", False):
-        _json_progress({"event": "done", "exit_code": code, "message": message})
-    return code
+        _json_progress({"event": "done", "exit_code": int(code), "message": message})
+    return int(code)
 
 
 def main(argv=None) -> int:
     """Entry point of the `autoregister` command."""
+    os.environ.pop(ITK_AUTOLOAD, None)  # before ITK loads here or in any worker (see ITK_AUTOLOAD)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["tables"]:
-        from .tables import tables_main
+    try:
+        if argv[:1] == ["tables"]:
+            from .tables import tables_main
 
-        return tables_main(argv[1:])
-    return register_main(argv)
+            return tables_main(argv[1:])
+        return register_main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside the run (while starting up): still a clean 130
+        print("autoregister: cancelled; nothing was written", file=sys.stderr)
+        return int(ExitCode.CANCELLED)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numpy as np
 
 from .backends.base import Preset, warp_with
 from .errors import Cancelled, InputError
+from .events import is_cancelled
 from .image import Image, as_image, write_image
 from .modality import modality_or_guess
 from .presets import Table, table_from_presets
@@ -71,6 +72,12 @@ class Candidate:
         d["transform"] = self.transform_path
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Candidate:
+        """A candidate read back from result.json: every measure and `transform_path`, no transform loaded."""
+        names = set(cls.__dataclass_fields__) - {"transform", "warped", "transform_path"}
+        return cls(**{k: v for k, v in d.items() if k in names}, transform_path=d.get("transform"))
+
 
 @dataclass
 class RegistrationResult:
@@ -110,14 +117,6 @@ class RegistrationResult:
             "scorer_setup_seconds": self.scorer_setup_seconds,
             "versions": versions,
         }
-
-
-def _is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -219,6 +218,9 @@ class Runner:
         if self.memory_limit_mb is not None:
             cmd += ["--memory-limit-mb", str(int(self.memory_limit_mb))]
         env = dict(os.environ)
+        # Slicer's launcher sets it; a worker that loads pip's ITK/ANTs with it set can crash (Slicer clears
+        # it for its own CLIs too). The worker also drops it itself, for launchers that set it again.
+        env.pop("ITK_AUTOLOAD_PATH", None)
         env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
         env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(lane.threads)
         lane.log = self.run_dir / f"worker-{lane.index}-{time.monotonic_ns()}.log"
@@ -318,7 +320,7 @@ class Runner:
                                    "threads": lane.threads, "fraction": finished / total()})
         try:
             while True:
-                if _is_cancelled(self.cancel):
+                if is_cancelled(self.cancel):
                     raise Cancelled("registration cancelled")
                 done = [(lane, lane.job, status) for lane in self.lanes
                         if lane.job is not None and (status := self._finished(lane)) is not None]
@@ -376,7 +378,12 @@ def resolve_table(fixed: Image, moving: Image, fixed_modality, moving_modality, 
 
 class _ScorerSetup:
     """Loads the scorer (torch, the compiled LNCC kernels), resolves the device and computes the head masks
-    on a background thread, so the workers start at once instead of after it; a score waits for it."""
+    on a background thread, so the workers start at once instead of after it; a score waits for it.
+
+    `close()` must end every run that started it: a thread still inside ``import torch`` when the
+    interpreter exits is killed by the interpreter's shutdown in the middle of C++ code, and the process
+    aborts ("terminate called without an active exception", exit -6) after a run that was otherwise done.
+    """
 
     def __init__(self, device: str, cancel=None):
         self.requested, self.cancel = device, cancel
@@ -384,6 +391,7 @@ class _ScorerSetup:
         self.seconds = 0.0
         self.rounds: list[_Round] = []
         self._error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._load, name="autoregister-scorer-setup", daemon=True)
 
     def start(self) -> None:
@@ -395,22 +403,45 @@ class _ScorerSetup:
         try:
             import torch
 
+            # After each step that cannot be interrupted: a run that is ending skips the rest.
+            if self._stop.is_set():
+                return
             from .similarity import lncc
 
             self.device = _pick_device(self.requested)
+            if self._stop.is_set():
+                return
             tiny = torch.rand(8, 8, 8)
             lncc(tiny, tiny, window=3, mask=torch.ones(8, 8, 8))  # loads the kernels from numba's cache
             for rnd in list(self.rounds):
+                if self._stop.is_set():
+                    return
                 rnd.head()
         except Exception as exc:  # handed to every score, which fails that candidate only
             self._error = exc
-        self.seconds = time.perf_counter() - t0
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stop after the current step and wait for the thread (an import cannot be cut short: up to ~3 s).
+
+        A Ctrl-C during the wait does not cut it short either; it is raised once the thread has ended.
+        """
+        self._stop.set()
+        interrupted = False
+        while self._thread.is_alive():
+            try:
+                self._thread.join(0.1)
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
 
     def ready(self) -> str:
         """Wait until loaded (a Cancel still ends the wait within 0.1 s); the device to score on."""
         while self._thread.is_alive():
             self._thread.join(0.1)
-            if _is_cancelled(self.cancel):
+            if is_cancelled(self.cancel):
                 raise Cancelled("registration cancelled")
         if self._error is not None:
             raise self._error
@@ -561,7 +592,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
                   table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
                   device: str = "auto", keep_all: bool = False, out_dir=None, progress=None,
                   cancel=None, threads_per_job: int | None = None,
-                  memory_limit_mb: int | None = None) -> RegistrationResult:
+                  memory_limit_mb: int | None = None, work_dir=None) -> RegistrationResult:
     """Run every preset of the table for this modality pair, score each, and return all with the best.
 
     `fixed`/`moving` are paths, SimpleITK/ITK/ANTs images or `Image`s. `table` is a `Table` or a JSON
@@ -570,6 +601,10 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     there atomically (see `report.write_outputs`). A table with a ``racing`` schedule first runs every
     preset on images shrunk by ``coarse_shrink`` and continues only the best ``keep`` at full resolution.
     `memory_limit_mb` caps each worker's address space (posix; ANTs needs about 1500 MB just to load).
+    `work_dir` is where the run's temporary folder goes (default: the system's temporary folder); the
+    engine client puts it inside its run folder, so removing that folder cleans up even after a kill.
+    Raises InputError for bad input and when torch (needed to score) is not installed, before any
+    worker starts, and Cancelled when `cancel` says so (or on Ctrl-C).
     """
     from .backends import get_backend
 
@@ -589,6 +624,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     moving_f = prepare_input(moving_img, "moving")
     if device != "auto":
         _pick_device(device)  # a bad or missing device is a usage error, reported before any work starts
+    _require_torch()
     setup = _ScorerSetup(device, cancel)
 
     candidates = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in chosen.presets}
@@ -603,17 +639,27 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     racing = chosen.racing
     if racing and len(_coarse_raced(runnable, racing)) <= racing["keep"]:
         racing = None  # every raced preset would be kept: a coarse round would only add time
-    tmp = Path(tempfile.mkdtemp(prefix="autoregister-"))
+    if is_cancelled(cancel):
+        raise Cancelled("registration cancelled")
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="autoregister-", dir=None if work_dir is None else str(work_dir)))
     try:
-        with Runner(jobs, timeout_s, tmp / "workers", progress_cb, cancel, memory_limit_mb, threads_per_job,
-                    ncores) as runner:
-            full = _Round(fixed_f, moving_f, fixed_modality, settings, setup, candidates, progress_cb,
-                          runner.free_cores)
-            setup.start()
-            if racing:
-                _race_coarse_to_fine(runner, full, runnable, racing, fixed_modality, tmp, progress_cb)
-            else:
-                runner.run(full.jobs(runnable, tmp / "full"))
+        try:
+            with Runner(jobs, timeout_s, tmp / "workers", progress_cb, cancel, memory_limit_mb, threads_per_job,
+                        ncores) as runner:
+                full = _Round(fixed_f, moving_f, fixed_modality, settings, setup, candidates, progress_cb,
+                              runner.free_cores)
+                setup.start()
+                if racing:
+                    _race_coarse_to_fine(runner, full, runnable, racing, fixed_modality, tmp, progress_cb)
+                else:
+                    runner.run(full.jobs(runnable, tmp / "full"))
+        finally:
+            # Workers are gone (Runner.close); the scorer thread must end too, on every path (see _ScorerSetup).
+            setup.close()
+        if is_cancelled(cancel):  # cancelled while the scorer thread ended: still a cancel
+            raise Cancelled("registration cancelled")
     except KeyboardInterrupt:
         raise Cancelled("registration interrupted") from None
     finally:
@@ -635,6 +681,14 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
 
         write_outputs(result, out_dir, keep_all=keep_all)
     return result
+
+
+def _require_torch() -> None:
+    """Fail fast, before any worker starts, when torch (which every score needs) is not installed."""
+    import importlib.util
+
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
+        raise InputError("torch is not installed; AutoRegister needs it to score the results (pip install torch)")
 
 
 def _pick_device(device: str) -> str:

@@ -1,7 +1,9 @@
 """Outputs of a run: the winner's transform and warped image, result.json, report.png, a text table.
 
 The output folder is built under a temporary name beside its destination and renamed into place, so
-it is either complete or absent.
+it is either complete or absent. matplotlib is optional: without it everything but report.png is
+written, and result.json says why it is missing (``"report": "skipped: matplotlib is not installed"``).
+`engine.read_outputs` reads the folder back.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .errors import InputError
 from .image import write_image
 
 RESULT_MARKER = "result.json"
+REPORT_PNG = "report.png"
 
 
 def check_output_dir(out_dir) -> Path:
@@ -57,8 +60,9 @@ def write_outputs(result, out_dir, keep_all: bool = False) -> Path:
                     path = write_transform(cand.transform, staging / "candidates", stem=cand.name)
                     if cand is not result.best:
                         cand.transform_path = str(path.relative_to(staging))
-        write_report_png(result, staging / "report.png")
-        (staging / RESULT_MARKER).write_text(json.dumps(result.to_dict(), indent=2, default=_json_default))
+        summary = result.to_dict()
+        summary["report"] = write_report_png(result, staging / REPORT_PNG)
+        (staging / RESULT_MARKER).write_text(json.dumps(summary, indent=2, default=_json_default))
         _swap_into_place(staging, out)
     except OSError as exc:  # disk full, folder made read-only during the run: one line, nothing half-written
         shutil.rmtree(staging, ignore_errors=True)
@@ -101,9 +105,16 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     return np.where(((yy // step) + (xx // step)) % 2 == 0, a, b)
 
 
-def write_report_png(result, path) -> None:
-    """Fixed against each candidate (checkerboard of the middle axial slice) and the score bars."""
-    import matplotlib
+def write_report_png(result, path) -> str:
+    """Fixed against each candidate (checkerboard of the middle axial slice) and the score bars.
+
+    Returns the file name written, or "skipped: <why>" when matplotlib is not installed (the report is
+    the only output that needs it, so a run without it still writes everything else).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return "skipped: matplotlib is not installed"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,6 +144,7 @@ def write_report_png(result, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return Path(path).name
 
 
 def format_table(result, extra: dict[str, dict] | None = None) -> str:

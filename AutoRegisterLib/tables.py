@@ -25,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_common import Parser, ProgressBar
 from .errors import Cancelled, InputError
+from .events import ExitCode
+from .events import is_cancelled as _is_cancelled
 
 REQUIRED_COLUMNS = ("fixed", "moving", "fixed_modality", "moving_modality")
 OPTIONAL_COLUMNS = ("fixed_labels", "moving_labels")
@@ -209,10 +212,6 @@ def _append_state(state_path: Path, record: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def _is_cancelled(cancel) -> bool:
-    return cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else bool(cancel()))
-
-
 def run_cohort(pairs: list[Pair], presets: list[str], state_path, client=None, timeout_s: float | None = 600.0,
                threads_per_job: int | None = None, progress=None, cancel=None) -> dict:
     """Run every (pair, preset) task not already in the state file; return {"records", "ran", "skipped"}.
@@ -380,10 +379,8 @@ def default_state_path(out) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
-
-    p = _Parser(prog="autoregister tables", description="Learn preset tables from a cohort of image pairs.")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    p = Parser(prog="autoregister tables", description="Learn preset tables from a cohort of image pairs.")
+    sub = p.add_subparsers(dest="command", parser_class=Parser)
     b = sub.add_parser("build", help="run every preset on every pair and write ranked tables")
     b.add_argument("cohort", help="CSV with columns fixed, moving, fixed_modality, moving_modality "
                                   "[, fixed_labels, moving_labels]; relative paths are from the CSV's folder")
@@ -402,7 +399,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def tables_main(argv) -> int:
     """Run ``autoregister tables ...``; return the exit code (2 for user errors, 130 when interrupted)."""
-    from .cli import EXIT_CANCELLED, EXIT_OK, EXIT_USAGE, ProgressBar
     from .presets import load_catalog
 
     parser = _parser()
@@ -439,12 +435,12 @@ def tables_main(argv) -> int:
                               timeout_s=args.timeout, progress=bar)
     except InputError as exc:
         print(f"autoregister tables: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except (Cancelled, KeyboardInterrupt):
         state = args.state or default_state_path(args.out)
         print(f"autoregister tables: interrupted; finished runs are saved in {state}; "
               "run the same command again to resume", file=sys.stderr)
-        return EXIT_CANCELLED
+        return ExitCode.CANCELLED
     finally:
         if bar is not None:
             bar.close()
@@ -455,4 +451,4 @@ def tables_main(argv) -> int:
     for path, table in result["tables"].items():
         print(f"{path}: {', '.join(table['presets'])}  ({table['description']})")
     print(f"{result['ran']} run(s) now, {result['skipped']} resumed from {result['state']}")
-    return EXIT_OK
+    return ExitCode.OK

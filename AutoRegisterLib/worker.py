@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -88,8 +90,45 @@ def serve(lines) -> None:
             run_spec(json.loads(Path(line.strip()).read_text()))
 
 
+def watch_parent(interval_s: float = 0.5):
+    """Kill this worker's process group once its parent (the engine) has gone; returns a function that
+    stops watching (None on Windows).
+
+    The engine kills its workers whenever it ends by itself; this covers an engine that is killed
+    (SIGKILL, a crash): the worker is then re-parented, and it and any tool it runs (it leads its own
+    process group) end within `interval_s`. Posix only: on Windows the engine client kills the workers
+    by the pids of the "start" events.
+    """
+    if os.name != "posix":
+        return None
+    parent, stop = os.getppid(), threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            if os.getppid() != parent:
+                if os.getpgrp() == os.getpid():  # our own group: the tools we started go too
+                    os.killpg(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="autoregister-parent-watch", daemon=True)
+    # A small stack: it only polls, and under --memory-limit-mb every MB of address space counts.
+    default_stack = threading.stack_size(256 * 1024)
+    try:
+        thread.start()
+    finally:
+        threading.stack_size(default_stack)
+
+    def stop_watching() -> None:
+        stop.set()  # the watcher only sleeps on this Event: it ends at once, before the interpreter does
+        thread.join(1.0)
+
+    return stop_watching
+
+
 def main(argv=None) -> int:
     """Entry point of a worker process."""
+    # Before ITK/ANTs load: Slicer's launcher sets it, and pip's ITK loading Slicer's factories crashes.
+    os.environ.pop("ITK_AUTOLOAD_PATH", None)
     p = argparse.ArgumentParser(prog="python -m AutoRegisterLib.worker",
                                 description="Run the spec files whose paths arrive on stdin, one per line.")
     p.add_argument("--threads", type=int, default=1)
@@ -100,11 +139,17 @@ def main(argv=None) -> int:
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                 "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(max(1, args.threads))
+    # Before the memory cap: under a tight cap there may be no address space left for a thread's stack.
+    stop_watching = watch_parent()
     if os.name == "posix":
         # numpy loads before the cap: OpenBLAS retries forever when it cannot map its buffers.
         from . import image  # noqa: F401
         limit_memory(args.memory_limit_mb)
-    serve(sys.stdin)
+    try:
+        serve(sys.stdin)
+    finally:
+        if stop_watching is not None:
+            stop_watching()
     return 0
 
 

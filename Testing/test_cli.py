@@ -64,7 +64,8 @@ def test_progress_json_emits_events_and_a_final_exit_code(pair_files, tmp_path):
     fixed, moving = pair_files
     proc = run_cli(fixed, moving, "--out", tmp_path / "o", "--presets", "sitk-rigid", "--progress-json")
     events = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [e["event"] for e in events][0] == "start"
+    assert events[0]["event"] == "hello" and isinstance(events[0]["pid"], int)  # the engine's pid, first
+    assert events[1]["event"] == "start"
     assert events[-1] == {"event": "done", "exit_code": 0, "message": None}
 
 

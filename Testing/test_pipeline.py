@@ -204,8 +204,9 @@ def test_cancel_while_the_scorer_loads_ends_the_run_at_once(rigid_case4, monkeyp
         waiting.set()
         return ready(self)
 
-    # A scorer that takes 30 s to load: once a result waits for it, only Cancel can end the wait.
-    monkeypatch.setattr(pipeline._ScorerSetup, "_load", lambda self: time.sleep(30))
+    # A scorer that takes 30 s to load: once a result waits for it, only Cancel can end the wait. Like the
+    # real one, it stops at its next step once the run ends (the run waits for that, see _ScorerSetup.close).
+    monkeypatch.setattr(pipeline._ScorerSetup, "_load", lambda self: self._stop.wait(30))
     monkeypatch.setattr(pipeline._ScorerSetup, "ready", waiting_ready)
     t0 = time.perf_counter()
     with pytest.raises(Cancelled):
