@@ -19,7 +19,7 @@ import sys
 
 from .cli_common import Parser, ProgressBar  # noqa: F401  (ProgressBar: also imported from here)
 from .errors import Cancelled, InputError
-from .events import ExitCode, event_line, is_cancelled
+from .events import DEVICES, ExitCode, event_line, is_cancelled
 
 # Older names of the exit codes, for code that imported them from here.
 EXIT_OK, EXIT_USAGE, EXIT_NO_RESULT, EXIT_CANCELLED = (ExitCode.OK, ExitCode.USAGE, ExitCode.NO_RESULT,
@@ -49,7 +49,7 @@ def build_parser() -> Parser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per preset (default 600)")
     p.add_argument("--memory-limit-mb", type=int,
                    help="cap each preset's worker at this much address space (default: no cap)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device for scoring")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="device for scoring")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     p.add_argument("--progress-json", action="store_true",
                    help="write progress events as JSON lines on stdout (for the Slicer module)")
@@ -93,6 +93,11 @@ def engine_command(fixed_path, moving_path, out_dir, *, python=sys.executable, t
     return cmd + ["--", str(fixed_path), str(moving_path)]
 
 
+def _library_root() -> str:
+    """The folder this engine imported AutoRegisterLib from (a client checks it is the copy it expects)."""
+    return os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+
+
 def _json_progress(event: dict) -> None:
     sys.stdout.write(event_line(event) + "\n")
     sys.stdout.flush()
@@ -110,7 +115,7 @@ def register_main(argv) -> int:
         from . import __version__
 
         # First, before anything can fail: the client learns the engine's own pid (not a launcher's).
-        _json_progress({"event": "hello", "pid": os.getpid(), "version": __version__})
+        _json_progress({"event": "hello", "pid": os.getpid(), "version": __version__, "library": _library_root()})
     args = build_parser().parse_args(argv)
     cancel = None
     if args.cancel_file:

@@ -5,7 +5,8 @@ and the Slicer module, so each word has one owner. Stdlib only: the Slicer GUI i
 
 Progress events are dicts, one JSON object per line on the engine's stdout with ``--progress-json``:
 
-- ``{"event": "hello", "pid": P, "version": V}``: always first; P is the engine's own pid (not a launcher's);
+- ``{"event": "hello", "pid": P, "version": V, "library": ROOT}``: always first; P is the engine's own pid
+  (not a launcher's), ROOT the folder the engine imported AutoRegisterLib from;
 - ``{"event": "start", "candidate": NAME, "pid": WORKER_PID, "threads": N, "fraction": F}``;
 - ``{"event": "finish", "candidate": NAME, "status": STATUS, "fraction": F}``;
 - ``{"event": "score", "candidate": NAME, "status": STATUS, "score": S}``;
@@ -20,6 +21,8 @@ from enum import Enum, IntEnum
 
 #: Every event name, in the order a run produces them.
 EVENTS = ("hello", "start", "finish", "score", "round", "done")
+#: Where scores are computed: the best available, or as the user asks (``--device``, the Slicer combo).
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ExitCode(IntEnum):

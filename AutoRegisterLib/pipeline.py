@@ -23,7 +23,7 @@ import numpy as np
 
 from .backends.base import Preset, warp_with
 from .errors import Cancelled, InputError
-from .events import is_cancelled
+from .events import DEVICES, is_cancelled
 from .image import Image, as_image, write_image
 from .modality import modality_or_guess
 from .presets import Table, table_from_presets
@@ -37,8 +37,6 @@ EXPECTED_COST = {"rigid": 1.0, "affine": 1.5, "deformable": 6.0}
 TOOLKIT_LOAD_S = {"elastix": 11.0, "ants": 2.0}
 #: A toolkit that loads faster than this is loaded by any idle worker: waiting for its holder rarely pays.
 CHEAP_LOAD_S = 5.0
-#: Where scores are computed: the best available, or as the user asks.
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass

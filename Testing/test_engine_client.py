@@ -221,7 +221,8 @@ def test_a_run_says_hello_first_reports_progress_and_reads_back_typed_outputs(in
     assert seen == run.events
     kinds = [e["event"] for e in seen]
     assert kinds[0] == "hello" and kinds[-1] == "done" and {"start", "finish", "score"} <= set(kinds)
-    assert seen[0] == {"event": "hello", "pid": run.launcher_pid, "version": AutoRegisterLib.__version__}
+    assert seen[0] == {"event": "hello", "pid": run.launcher_pid, "version": AutoRegisterLib.__version__,
+                       "library": str(Path(AutoRegisterLib.__file__).resolve().parent.parent)}
     assert run.engine_pid == run.launcher_pid and run.version == AutoRegisterLib.__version__
     assert run.worker_pids == [e["pid"] for e in seen if e["event"] == "start"]
     assert seen[-1] == {"event": "done", "exit_code": 0, "message": None}
