@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+import types
+from pathlib import Path
+
 import pytest
+
+MODULE_DIR = Path(__file__).resolve().parent.parent / "AutoRegister"
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +26,46 @@ def rigid_case4(icbm4):
 
     return make_case(icbm4["t2"], icbm4["t1"], seed=3, fixed_labels=icbm4["labels"], rotation_deg=8.0,
                      translation_mm=8.0)
+
+
+class _Inert(types.ModuleType):
+    """qt and ctk without a display: every attribute is a harmless class."""
+
+    def __getattr__(self, name):
+        return type(name, (), {"__init__": lambda self, *a, **k: None})
+
+
+@pytest.fixture()
+def slicer_module(monkeypatch):
+    """AutoRegister.py imported as Slicer would, with the real MRML of slicer-core and, for the parts
+    slicer-core lacks, stand-ins that keep Slicer's rules: `slicer.parameterNodeWrapper`'s validators come
+    from slicer_rules (tests bind the .ui through slicer_rules.connect_gui); qt, ctk and the
+    ScriptedLoadableModule bases are inert, so only the Logic and the Test helpers run."""
+    pytest.importorskip("slicer")
+    import slicer_rules
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def getParameterNode(self):
+            raise NotImplementedError("no parameter node without the Slicer application")
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+    slm.ScriptedLoadableModule = slm.ScriptedLoadableModuleWidget = slm.ScriptedLoadableModuleTest = Base
+    slm.ScriptedLoadableModuleLogic = Base
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = lambda cls: cls
+    pnw.Choice, pnw.WithinRange, pnw.Default = slicer_rules.Choice, slicer_rules.WithinRange, slicer_rules.Default
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    for name, stand_in in {"qt": _Inert("qt"), "ctk": _Inert("ctk"), "slicer.ScriptedLoadableModule": slm,
+                           "slicer.parameterNodeWrapper": pnw, "slicer.i18n": i18n}.items():
+        monkeypatch.setitem(sys.modules, name, stand_in)
+    monkeypatch.syspath_prepend(str(MODULE_DIR))
+    monkeypatch.delitem(sys.modules, "AutoRegister", raising=False)
+    import AutoRegister
+
+    yield AutoRegister
+    sys.modules.pop("AutoRegister", None)

@@ -1,0 +1,177 @@
+"""Slicer's rules for a scripted module, encoded from Slicer's own source so a test fails where Slicer would.
+
+The Slicer application cannot be installed on the machines that test this project, and slicer-core (PyPI)
+ships MRML but not `slicer.parameterNodeWrapper`. A stand-in that accepts what Slicer rejects hides bugs:
+that is how `connectGui` came to raise inside Slicer while every headless test passed. So this module
+re-states, rule by rule, what Slicer 5.8 and 5.10 do, each with the source lines it encodes
+(`../shared/reviews/slicer-module.md` has the reading):
+
+- `parameterNodeWrapper` collects `typing.get_type_hints(cls, include_extras=True)` and writes each default
+  through its validators when the node is created (Slicer:5.10:Base/Python/slicer/parameterNodeWrapper/
+  wrapper.py `_processClass`, `_initMethod`; a value a validator rejects raises there);
+- `connectGui(ui)` binds every widget whose `SlicerParameterName` property is set, by its exact class, with
+  the first connector whose `canRepresent` accepts (widget, type) and raises when `create` refuses or none
+  accepts (wrapper.py `_connectGui` -> `_connectParametersToGui` -> guiConnectors.py `createGuiConnector`);
+- the connector table (Slicer:5.8:Base/Python/slicer/parameterNodeWrapper/guiConnectors.py; the QComboBox
+  rule is at 5.8:355-368 and 5.10:431): QCheckBox and a checkable QPushButton take bool; QSpinBox and
+  QSlider take int (a QSlider only when bounded); QDoubleSpinBox and ctkSliderWidget take float (the slider
+  only when bounded); a QComboBox takes an Enum, or int/float/str/bool **only with a `Choice` annotation**
+  ("ComboBoxToStringableConnector requires the Choice annotation to be used."), and it is refilled from the
+  choices, so a value outside them makes `write` raise ValueError; QLineEdit and QTextEdit take str;
+  ctkPathLineEdit and ctkDirectoryButton take a pathlib path; qMRMLNodeComboBox and
+  qMRMLSubjectHierarchyTreeView take a MRML node class or a Union of them;
+- `WithinRange` on a spin box overrides the .ui's minimum and maximum (guiConnectors.py
+  `QSliderOrSpinBoxToIntConnector.__init__`: `setRange(minimum, maximum)`).
+"""
+
+from __future__ import annotations
+
+import enum
+import pathlib
+import typing
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Choice:
+    """validators.Choice: the value must be one of `choices`."""
+
+    choices: tuple
+
+    def __init__(self, choices):
+        object.__setattr__(self, "choices", tuple(choices))
+
+    def validate(self, value) -> None:
+        """Raise ValueError for a value outside the choices, as Slicer's validator does."""
+        if value not in self.choices:
+            raise ValueError(f"Value {value!r} must be within {list(self.choices)}")
+
+
+@dataclass(frozen=True)
+class WithinRange:
+    """validators.WithinRange: minimum <= value <= maximum."""
+
+    minimum: float
+    maximum: float
+
+    def validate(self, value) -> None:
+        """Raise ValueError outside the range."""
+        if not self.minimum <= value <= self.maximum:
+            raise ValueError(f"Value {value!r} must be within [{self.minimum}, {self.maximum}]")
+
+
+@dataclass(frozen=True)
+class Default:
+    """parameterNodeWrapper.Default: a default given as an annotation."""
+
+    value: object
+
+
+class UnboundedSliderError(RuntimeError):
+    """A QSlider or ctkSliderWidget bound to an unbounded number: Slicer raises RuntimeError."""
+
+
+def split_annotations(datatype):
+    """(bare type, [annotations]) of a possibly `Annotated` type (util.splitAnnotations)."""
+    if typing.get_origin(datatype) is typing.Annotated:
+        args = typing.get_args(datatype)
+        return args[0], list(args[1:])
+    return datatype, []
+
+
+def _is_node_type(datatype) -> bool:
+    import vtk
+
+    bare = split_annotations(datatype)[0]
+    if typing.get_origin(bare) is typing.Union:
+        return all(_is_node_type(a) for a in typing.get_args(bare) if a is not type(None))
+    return isinstance(bare, type) and issubclass(bare, vtk.vtkObject) and bare.__name__.startswith("vtkMRML")
+
+
+def connector_for(widget_class: str, datatype):
+    """The connector Slicer creates for a widget of class `widget_class` bound to `datatype`, or raise
+    RuntimeError as `createGuiConnector` does. Returns (connector name, choices or None, range or None)."""
+    bare, annotations = split_annotations(datatype)
+    choice = next((a for a in annotations if isinstance(a, Choice)), None)
+    within = next((a for a in annotations if isinstance(a, WithinRange)), None)
+    paths = (pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePath)
+    if bare is bool and widget_class in ("QCheckBox", "QPushButton"):
+        return widget_class + "ToBool", None, None
+    if bare is int and widget_class in ("QSlider", "QSpinBox"):
+        if widget_class == "QSlider" and within is None:
+            raise UnboundedSliderError("Cannot have a connection to ctkSliderWidget where the float types is unbounded.")
+        return "QSliderOrSpinBoxToInt", None, within
+    if bare is float and widget_class in ("QDoubleSpinBox", "ctkSliderWidget"):
+        if widget_class == "ctkSliderWidget" and within is None:
+            raise UnboundedSliderError("Cannot have a connection to ctkSliderWidget where the float types is unbounded.")
+        return "QDoubleSpinBoxCtkSliderWidgetToFloat", None, within
+    if widget_class == "QComboBox" and bare in (int, float, str, bool):
+        if choice is None:
+            raise RuntimeError("ComboBoxToStringableConnector requires the Choice annotation to be used.")
+        return "QComboBoxToStringable", choice.choices, None
+    if widget_class == "QComboBox" and isinstance(bare, type) and issubclass(bare, enum.Enum):
+        return "QComboBoxToEnum", tuple(bare), None
+    if bare is str and widget_class in ("QLineEdit", "QTextEdit"):
+        return widget_class + "ToStr", None, None
+    if bare in paths and widget_class in ("ctkPathLineEdit", "ctkDirectoryButton"):
+        return widget_class + "ToPath", None, None
+    if widget_class in ("qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView") and _is_node_type(datatype):
+        return widget_class + "ToNode", None, None
+    raise RuntimeError(f"Unable to create GUI connector from datatype '{datatype}' to widget type '{widget_class}'")
+
+
+def parameter_types(cls) -> dict:
+    """name -> possibly annotated type, as `_processClass` collects them."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def defaults(cls) -> dict:
+    """name -> default value (class attribute, `Default` annotation, or the type's own default)."""
+    values = {}
+    for name, datatype in parameter_types(cls).items():
+        bare, annotations = split_annotations(datatype)
+        if hasattr(cls, name):
+            values[name] = getattr(cls, name)
+        else:
+            given = next((a for a in annotations if isinstance(a, Default)), None)
+            values[name] = given.value if given else {bool: False, int: 0, float: 0.0, str: ""}.get(bare)
+    return values
+
+
+def validate(cls, name: str, value) -> None:
+    """Run the parameter's validators on `value` (what every write does; the default is written at init)."""
+    for annotation in split_annotations(parameter_types(cls)[name])[1]:
+        if hasattr(annotation, "validate"):
+            annotation.validate(value)
+
+
+def bound_widgets(ui_file) -> dict:
+    """parameter name -> (widget class, widget name, {property: value}) for every widget with SlicerParameterName."""
+    bound = {}
+    for widget in ET.parse(ui_file).getroot().iter("widget"):
+        props = {}
+        for prop in widget.findall("property"):
+            child = next(iter(prop), None)
+            props[prop.get("name")] = None if child is None else child.text
+        if props.get("SlicerParameterName"):
+            bound[props["SlicerParameterName"]] = (widget.get("class"), widget.get("name"), props)
+    return bound
+
+
+def connect_gui(cls, ui_file) -> dict:
+    """What `connectGui(self.ui)` does at setup() and every enter(): unknown names raise ValueError, a
+    refused binding raises RuntimeError, and each widget is written the parameter's default value (a
+    QComboBox raises ValueError for a value outside its choices). Returns name -> connector info."""
+    types_ = parameter_types(cls)
+    values = defaults(cls)
+    connectors = {}
+    for name, (widget_class, _, _props) in bound_widgets(ui_file).items():
+        if name not in types_:
+            raise ValueError(f"Cannot find a param with the given name: {name}")
+        validate(cls, name, values[name])
+        connector, choices, _range = connector_for(widget_class, types_[name])
+        if choices is not None and values[name] not in choices:
+            raise ValueError(f"Unable to find value {values[name]} in choices {list(choices)}")
+        connectors[name] = (connector, choices, _range)
+    return connectors
