@@ -1,21 +1,18 @@
 """AutoRegister: one Register button that races registration presets and keeps the best.
 
-This file is GUI and process plumbing only. Registration, scoring and geometry live in
-AutoRegisterLib; the node conversions in AutoRegisterLib.mrml. The engine runs as the
-`python -m AutoRegisterLib` command in a background process, so Slicer never freezes and a crash
-or a heavy import (torch, ANTs, elastix) never touches Slicer's own interpreter.
+This file is Slicer glue only: nodes, paths, the panel and applying transforms. Registration, scoring and
+geometry live in AutoRegisterLib, the node conversions in AutoRegisterLib.mrml, and the engine client
+(spawn, progress, cancel, reading the outputs) in AutoRegisterLib.engine. The engine runs as
+`python -m AutoRegisterLib` in a background process, so Slicer never freezes and a crash or a heavy import
+(torch, ANTs, elastix) never touches Slicer's own interpreter.
 """
 
-import json
+import importlib.util
 import logging
 import os
-import queue
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -26,7 +23,7 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -34,17 +31,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-
-AUTOMATIC_TABLE = "Automatic"
-MODALITY_CHOICES = ("T1", "T2", "FLAIR", "PD", "CT", "MR")
-#: pip name -> import name of what the engine needs beyond Slicer's bundle, and what each enables.
-DEPENDENCIES = {
-    "torch": ("torch", "scoring (needed for every run)"),
-    "matplotlib": ("matplotlib", "the report image"),
-    "antspyx": ("ants", "the ANTs presets"),
-    "itk-elastix": ("itk", "the elastix presets (unless SlicerElastix is installed)"),
-}
-EXIT_CANCELLED = 130
 
 
 def ensureLibraryImportable():
@@ -56,15 +42,29 @@ def ensureLibraryImportable():
         repoRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         if repoRoot not in sys.path:
             sys.path.insert(0, repoRoot)
-        import AutoRegisterLib  # noqa: F401
     return libraryRoot()
 
 
 def libraryRoot():
-    """Folder that holds the AutoRegisterLib package (goes on the engine process's PYTHONPATH)."""
+    """Folder that holds the AutoRegisterLib package (put first on the engine's path)."""
     import AutoRegisterLib
 
     return os.path.dirname(os.path.dirname(os.path.abspath(AutoRegisterLib.__file__)))
+
+
+ensureLibraryImportable()
+# Both are light (no numpy): the module is imported when Slicer starts.
+from AutoRegisterLib.events import DEVICES  # noqa: E402
+from AutoRegisterLib.modality import MODALITIES  # noqa: E402
+
+AUTOMATIC_TABLE = "Automatic"
+#: pip name -> (import name, what it enables, required for every run).
+DEPENDENCIES = {
+    "torch": ("torch", "scoring", True),
+    "matplotlib": ("matplotlib", "the report image", False),
+    "antspyx": ("ants", "the ANTs presets", False),
+    "itk-elastix": ("itk", "the elastix presets (unless SlicerElastix is installed)", False),
+}
 
 
 #
@@ -81,13 +81,13 @@ class AutoRegister(ScriptedLoadableModule):
         self.parent.title = _("AutoRegister")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []
-        self.parent.contributors = ["AutoRegister developers"]
+        self.parent.contributors = ["AutoRegister developers (AutoRegister project)"]
         self.parent.helpText = _(
             "One-click registration: several presets (ANTs, elastix, BRAINSFit, SimpleITK; rigid, affine, "
             "deformable) run in parallel, each result is scored by local normalized cross-correlation "
             "inside the overlap of the two volumes, and the best one becomes the moving volume's parent "
             "transform. Input volumes are never modified."
-        )
+        ) + self.getDefaultModuleDocumentationLink()
         self.parent.acknowledgementText = _("Built on AutoRegisterLib, ANTs, elastix, BRAINSFit and SimpleITK.")
 
 
@@ -102,15 +102,17 @@ class AutoRegisterParameterNode:
 
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
-    fixedModality: str = "MR"
-    movingModality: str = "MR"
+    fixedModality: Annotated[str, Choice(list(MODALITIES))] = "MR"
+    movingModality: Annotated[str, Choice(list(MODALITIES))] = "MR"
+    # Not bound to its combo box: the list changes with the user's tables, and a bound combo raises on
+    # a saved value that is no longer listed.
     tableName: str = AUTOMATIC_TABLE
     createOutputVolume: bool = False
     disabledPresets: str = ""  # comma-separated preset names left out of the race
-    scoringWindowVoxels: Annotated[int, WithinRange(3, 15)] = 5
+    scoringWindowVoxels: Annotated[int, WithinRange(0, 15)] = 0  # 0: the table's own window
     jobs: Annotated[int, WithinRange(0, 64)] = 0  # 0: one per core
     timeoutSeconds: Annotated[int, WithinRange(10, 36000)] = 600
-    device: str = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
     keepAllCandidates: bool = False
 
 
@@ -135,6 +137,8 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._result = None
         self._pollTimer = None
         self._fillingResults = False
+        self._shownPresets = None
+        self._installing = False
 
     def setup(self) -> None:
         """Load the .ui, connect signals and the parameter node."""
@@ -145,10 +149,6 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = AutoRegisterLogic()
 
-        for combo in (self.ui.fixedModalityComboBox, self.ui.movingModalityComboBox):
-            combo.addItems(list(MODALITY_CHOICES))
-        self.ui.tableComboBox.addItem(AUTOMATIC_TABLE)
-        self.ui.tableComboBox.addItems(self.logic.tableNames())
         self.ui.resultsTable.setColumnCount(len(AutoRegisterLogic.RESULT_COLUMNS))
         self.ui.resultsTable.setHorizontalHeaderLabels(list(AutoRegisterLogic.RESULT_COLUMNS))
         self.ui.progressBar.setRange(0, 100)
@@ -159,44 +159,48 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.resultsTable.connect("itemSelectionChanged()", self.onResultSelectionChanged)
-        self.ui.fixedVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onFixedVolumeChanged)
-        self.ui.movingVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMovingVolumeChanged)
-        self.ui.tableComboBox.connect("currentIndexChanged(int)", self.updatePresetList)
-        self.ui.fixedModalityComboBox.connect("currentIndexChanged(int)", self.updatePresetList)
-        self.ui.movingModalityComboBox.connect("currentIndexChanged(int)", self.updatePresetList)
+        # Connected before connectGui, so these run while the parameter node still holds the old node:
+        # a re-sync from the parameter node (scene load, enter) sets the node it already holds.
+        self.ui.fixedVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                            lambda node: self.onVolumeSelected("fixed", node))
+        self.ui.movingVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                             lambda node: self.onVolumeSelected("moving", node))
+        self.ui.tableComboBox.connect("currentIndexChanged(int)", self.onTableChanged)
         self.ui.presetsListWidget.connect("itemChanged(QListWidgetItem*)", self.onPresetToggled)
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self.onPollRun)
 
+        self.refreshTableList()
         self.initializeParameterNode()
         self.updateDependencyStatus()
-        self.updatePresetList()
 
     def cleanup(self) -> None:
-        """Stop a running registration and drop observers when the module is closed."""
-        if self._run is not None:
-            self._run.cancel()
-            self._run.cleanup()
-            self._run = None
+        """Stop a running registration, remove its files and drop observers when the module is closed."""
+        self.stopRun()
+        if self._result is not None:
+            self._result.cleanup()
+            self._result = None
         if self._pollTimer is not None:
             self._pollTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
-        """Reconnect the parameter node when the module is shown."""
+        """Reconnect the parameter node when the module is shown; pick up tables added meanwhile."""
+        self.refreshTableList()
         self.initializeParameterNode()
+        self.updateDependencyStatus()
 
     def exit(self) -> None:
         """Disconnect the parameter node when another module is shown."""
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self.setParameterNode(None, updateGui=False)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """Forget the parameter node before the scene closes."""
+        """A run must not apply its result to a scene that is gone: cancel it, then forget the parameter node."""
+        if self._run is not None:
+            self.stopRun()
+            self.ui.statusLabel.text = _("Cancelled: the scene was closed.")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -205,51 +209,98 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        """Use the module's parameter node; pick the first volumes if none is selected."""
+        """Use the module's parameter node."""
         self.setParameterNode(self.logic.getParameterNode())
 
-    def setParameterNode(self, inputParameterNode) -> None:
+    def setParameterNode(self, inputParameterNode, updateGui=True) -> None:
         """Bind the GUI to a parameter node (widgets with SlicerParameterName follow it)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._shownPresets = None
+        if updateGui:
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        """Everything the parameter node decides: the table combo, the preset list and the buttons.
+
+        Runs on the node's ModifiedEvent, i.e. after a bound widget has written its new value (a slot of
+        ours connected to the widget would run first and read the old one)."""
+        p = self._parameterNode
+        if p:
+            self.selectTableInCombo(p.tableName)
+            self.updatePresetList()
         self.updateButtons()
 
-    def updateButtons(self, caller=None, event=None) -> None:
-        """Register is enabled with two different volumes and no run in progress."""
+    def updateButtons(self) -> None:
+        """Register needs two different volumes, the required packages, and no run or install in progress."""
         p = self._parameterNode
         running = self._run is not None
+        missing = self.logic.missingDependencies(requiredOnly=True)
         ready = bool(p and p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
-        self.ui.registerButton.enabled = ready and not running
+        self.ui.registerButton.enabled = ready and not running and not missing and not self._installing
         self.ui.cancelButton.enabled = running
-        if running:
+        self.ui.installDependenciesButton.enabled = not running and not self._installing and bool(
+            self.logic.missingDependencies())
+        if missing:
+            self.ui.registerButton.toolTip = _(
+                "{packages} is not installed. Click 'Install dependencies' (PyTorch comes from the PyTorch "
+                "extension), then restart Slicer if asked.").format(packages=", ".join(missing))
+        elif running:
             self.ui.registerButton.toolTip = _("Registration in progress")
         elif not ready:
             self.ui.registerButton.toolTip = _("Select two different volumes")
         else:
             self.ui.registerButton.toolTip = _("Race the presets and keep the best result")
 
-    def onFixedVolumeChanged(self, node) -> None:
-        """Guess the fixed modality when the fixed volume changes (the user may correct it)."""
-        if node is not None and self._parameterNode:
-            self._parameterNode.fixedModality = self.logic.guessModality(node)
-
-    def onMovingVolumeChanged(self, node) -> None:
-        """Guess the moving modality when the moving volume changes (the user may correct it)."""
-        if node is not None and self._parameterNode:
-            self._parameterNode.movingModality = self.logic.guessModality(node)
-
-    def updatePresetList(self, *unused) -> None:
-        """List the chosen table's presets as checkable items (unticked ones are left out)."""
-        if not self._parameterNode:
+    def onVolumeSelected(self, role, node) -> None:
+        """Guess the modality when the user picks another volume (never when the node re-syncs its own)."""
+        p = self._parameterNode
+        if node is None or not p or node is getattr(p, f"{role}Volume"):
             return
-        names = self.logic.tablePresetNames(self._parameterNode.tableName, self._parameterNode.fixedModality,
-                                            self._parameterNode.movingModality)
-        disabled = set(filter(None, self._parameterNode.disabledPresets.split(",")))
+        setattr(p, f"{role}Modality", self.logic.guessModality(node))
+
+    def refreshTableList(self) -> None:
+        """Fill the table combo: Automatic, then every table that loads (a broken user table is skipped)."""
+        combo = self.ui.tableComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(AUTOMATIC_TABLE)
+        combo.addItems(self.logic.tableNames())
+        combo.blockSignals(wasBlocked)
+        if self._parameterNode:
+            self.selectTableInCombo(self._parameterNode.tableName)
+
+    def selectTableInCombo(self, name) -> None:
+        """Show `name` in the table combo; a table file or a table no longer listed is added as an entry."""
+        combo = self.ui.tableComboBox
+        index = combo.findText(name)
+        wasBlocked = combo.blockSignals(True)
+        if index < 0:
+            combo.addItem(name)
+            index = combo.findText(name)
+        combo.currentIndex = index
+        combo.blockSignals(wasBlocked)
+
+    def onTableChanged(self, index) -> None:
+        """The table combo is not bound: write the user's choice into the parameter node."""
+        if self._parameterNode and index >= 0:
+            self._parameterNode.tableName = self.ui.tableComboBox.itemText(index)
+
+    def updatePresetList(self) -> None:
+        """List the chosen table's presets as checkable items (unticked ones are left out)."""
+        p = self._parameterNode
+        key = (p.tableName, p.fixedModality, p.movingModality, p.disabledPresets)
+        if key == self._shownPresets:
+            return
+        self._shownPresets = key
+        names = self.logic.tablePresetNames(p.tableName, p.fixedModality, p.movingModality)
+        disabled = set(filter(None, p.disabledPresets.split(",")))
         widget = self.ui.presetsListWidget
         wasBlocked = widget.blockSignals(True)
         widget.clear()
@@ -262,43 +313,67 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPresetToggled(self, item) -> None:
         """Remember which presets are switched off."""
+        if not self._parameterNode:
+            return
         widget = self.ui.presetsListWidget
         off = [widget.item(i).text() for i in range(widget.count) if widget.item(i).checkState() != qt.Qt.Checked]
         self._parameterNode.disabledPresets = ",".join(off)
 
     def updateDependencyStatus(self) -> None:
-        """Say which backends cannot run until their package is installed."""
+        """Say, above the Register button, which packages are missing and what each one enables."""
         missing = self.logic.missingDependencies()
-        if missing:
-            text = "; ".join(f"{pip} is missing: no {purpose}" for pip, purpose in missing.items())
-            self.ui.dependenciesLabel.text = text
-        else:
-            self.ui.dependenciesLabel.text = _("All Python dependencies are installed.")
-        self.ui.installDependenciesButton.enabled = bool(missing)
+        self.ui.dependenciesLabel.text = "; ".join(
+            _("{package} is missing: no {purpose}").format(package=pip, purpose=purpose)
+            for pip, purpose in missing.items())
+        self.ui.dependenciesLabel.visible = bool(missing)
+        self.ui.installDependenciesButton.visible = bool(missing)
+        self.updateButtons()
 
     def onInstallDependencies(self) -> None:
-        """Install the missing packages once, keeping Slicer's numpy and scipy."""
-        with slicer.util.tryWithErrorDisplay(_("Failed to install dependencies."), waitCursor=True):
-            self.logic.installDependencies()
-        self.updateDependencyStatus()
+        """Install the missing packages after the user confirms; Register waits until it is done."""
+        missing = self.logic.missingDependencies()
+        if not missing or self._run is not None:
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                _("Install {packages} into Slicer's Python? This can take several minutes.").format(
+                    packages=", ".join(missing))):
+            return
+        self._installing = True
+        self.updateButtons()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to install dependencies."), waitCursor=True):
+                self.logic.installDependencies(list(missing))
+        finally:
+            self._installing = False
+            self.updateDependencyStatus()
 
     def onRegisterButton(self) -> None:
         """Start the background registration; progress arrives through the poll timer."""
+        if self._result is not None:
+            self._result.cleanup()  # its transform files; the nodes it made stay in the scene
+            self._result = None
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
             p = self._parameterNode
             self.ui.resultsTable.setRowCount(0)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting...")
-            self._result = None
             self._run = self.logic.start(p.fixedVolume, p.movingVolume, **self.logic.optionsFromParameterNode(p))
             self._pollTimer.start()
         self.updateButtons()
 
     def onCancelButton(self) -> None:
-        """Kill the engine and its workers; nothing is added to the scene."""
+        """Ask the engine to stop (it is killed with its workers if it does not); nothing is added to the scene."""
         if self._run is not None:
             self.ui.statusLabel.text = _("Cancelling...")
-            self._run.cancel()
+            self._run.engine.cancel()
+
+    def stopRun(self) -> None:
+        """End a running registration now and remove its files (module closed, scene closed)."""
+        if self._run is not None:
+            self._pollTimer.stop()
+            self._run.engine.cleanup()
+            self._run = None
+            self.updateButtons()
 
     def onPollRun(self) -> None:
         """Drain progress events; when the engine ends, bring the result into the scene."""
@@ -306,25 +381,29 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if run is None:
             self._pollTimer.stop()
             return
-        for event in run.poll():
+        for event in run.engine.poll():
             if "fraction" in event:
                 self.ui.progressBar.value = int(100 * event["fraction"])
-            if event.get("event") in ("start", "finish", "score"):
+            if event.get("event") in ("start", "finish", "score") and not run.engine.cancelled:
                 self.ui.statusLabel.text = self.logic.describeEvent(event, run)
-        if run.isRunning():
+        if run.engine.is_running():
             return
         self._pollTimer.stop()
         self._run = None
-        with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
-            try:
+        if run.engine.cancelled:
+            run.engine.cleanup()
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Cancelled; the scene was not changed.")
+        else:
+            self.ui.statusLabel.text = _("Registration failed.")
+            with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
                 self._result = self.logic.finish(run)
-            finally:
-                run.cleanup()
-            self.showResult(self._result)
+                self.showResult(self._result)
+                self.logic.showInViews(self._result)
         self.updateButtons()
 
     def showResult(self, result) -> None:
-        """Fill the results table and highlight the winner."""
+        """Fill the results table and highlight the winner; rows without a transform cannot be selected."""
         self.ui.progressBar.value = 100
         self.ui.statusLabel.text = result.message
         table = self.ui.resultsTable
@@ -332,9 +411,12 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             table.setRowCount(len(result.candidates))
             for row, values in enumerate(self.logic.resultRows(result)):
+                candidate = result.candidates[row]
                 for column, value in enumerate(values):
                     item = qt.QTableWidgetItem(value)
-                    if result.best is not None and result.candidates[row].name == result.best.name:
+                    if not candidate.transform_path:
+                        item.setFlags(qt.Qt.ItemIsEnabled)
+                    if result.best is not None and candidate.name == result.best.name:
                         font = item.font()
                         font.setBold(True)
                         item.setFont(font)
@@ -354,6 +436,8 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if len(rows) != 1:
             return
         candidate = self._result.candidates[rows.pop()]
+        if not candidate.transform_path:
+            return
         with slicer.util.tryWithErrorDisplay(_("Could not apply this result."), waitCursor=True):
             self.logic.applyCandidate(self._result, candidate.name)
             self.ui.statusLabel.text = _("Using {name}.").format(name=candidate.name)
@@ -365,25 +449,54 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 @dataclass
-class AutoRegisterResult:
-    """What a run produced: every candidate (AutoRegisterLib Candidates), the winner, and the output nodes."""
+class AutoRegisterRun:
+    """A started registration: the library's engine client and the nodes it was started for."""
 
-    candidates: list
-    best: object
-    fixedModality: str
-    movingModality: str
+    engine: object  # AutoRegisterLib.engine.EngineRun
+    fixedVolume: object
+    movingVolume: object
     tableName: str
-    exitCode: int
-    message: str
-    fixedVolume: object = None
-    movingVolume: object = None
+    keepAllCandidates: bool = False
+    createOutputVolume: bool = False
+
+
+@dataclass
+class AutoRegisterResult:
+    """What a run produced (the library's typed outputs) and the nodes made from it.
+
+    Transforms are read from the run folder only when a candidate is applied, and the folder is removed by
+    cleanup() (the widget does so when the next run starts or the module closes)."""
+
+    outputs: object  # AutoRegisterLib.engine.EngineOutputs
+    fixedVolume: object
+    movingVolume: object
+    tableName: str
+    runFolder: str
+    createOutputVolume: bool = False
+    message: str = ""
     transformNode: object = None
     outputVolume: object = None
     candidateTransformNodes: dict = field(default_factory=dict)
-    createOutputVolume: bool = False
-    summary: dict = field(default_factory=dict, repr=False)
-    fixedImage: object = field(default=None, repr=False)  # LPS images the engine saw
-    movingImage: object = field(default=None, repr=False)
+
+    @property
+    def candidates(self):
+        """Every candidate, in table order."""
+        return self.outputs.candidates
+
+    @property
+    def best(self):
+        """The winner, or None."""
+        return self.outputs.best
+
+    @property
+    def exitCode(self):
+        """The engine's exit code."""
+        return self.outputs.exit_code
+
+    @property
+    def summary(self):
+        """result.json as written by the engine."""
+        return self.outputs.summary
 
     def candidate(self, name):
         """The candidate called `name`."""
@@ -392,125 +505,13 @@ class AutoRegisterResult:
                 return c
         raise KeyError(name)
 
-
-class EngineProcess:
-    """The `python -m AutoRegisterLib` command in the background: a reader thread feeds a queue
-    that the GUI polls; cancel stops the whole process tree; the temporary folder is removed."""
-
-    def __init__(self, args, env, workDir, outDir, context=None):
-        """Start the command; `context` keeps what finish() needs (nodes, options)."""
-        self.workDir, self.outDir, self.context = workDir, outDir, context or {}
-        self.events, self.log = [], []
-        self.exitCode = None
-        self.cancelled = False
-        self._queue = queue.Queue()
-        posix = os.name == "posix"
-        self.process = subprocess.Popen(
-            args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, encoding="utf-8", errors="replace",
-            # Its own process group, so cancel reaches the engine and nothing of Slicer's.
-            start_new_session=posix,
-            creationflags=0 if posix else subprocess.CREATE_NEW_PROCESS_GROUP,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self.process.wait()
-        self._queue.put(None)
-
-    def poll(self):
-        """Progress events received since the last call (JSON lines); other lines go to the log."""
-        new = []
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if line is None:
-                self.exitCode = self.process.returncode
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if isinstance(event, dict) and "event" in event:
-                new.append(event)
-                if event["event"] == "done":
-                    self.exitCode = event.get("exit_code", self.exitCode)
-            elif line.strip():
-                self.log.append(line)
-                logging.info("AutoRegister engine: %s", line)
-        self.events.extend(new)
-        return new
-
-    def isRunning(self):
-        """True until the engine has exited and all its output has been read."""
-        return self._reader.is_alive() or not self._queue.empty()
-
-    def wait(self, progress=None, timeout=None):
-        """Block until the engine ends, passing each event to `progress` (console use)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.isRunning():
-            for event in self.poll():
-                if progress is not None:
-                    progress(event)
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                raise TimeoutError("AutoRegister did not finish in time; it was cancelled")
-            time.sleep(0.05)
-        for event in self.poll():
-            if progress is not None:
-                progress(event)
-        if self.exitCode is None:
-            self.exitCode = self.process.returncode
-
-    def cancel(self, graceSeconds=10.0):
-        """Stop the engine and its worker processes: interrupt first (the engine then kills its
-        workers and removes its files), kill the whole tree if it does not end in time."""
-        if self.process.poll() is not None:
-            return
-        self.cancelled = True
-        try:
-            if os.name == "posix":
-                os.killpg(self.process.pid, signal.SIGINT)
-            else:
-                self.process.send_signal(signal.CTRL_BREAK_EVENT)
-            self.process.wait(graceSeconds)
-        except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError, OSError):
-            pass
-        if self.process.poll() is None:
-            self._killTree()
-
-    def _killTree(self):
-        try:
-            import psutil
-
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except Exception:  # psutil missing or the process just ended: fall back to the group
-            children = []
-        for child in children:
-            try:
-                child.kill()
-            except Exception:
-                pass
-        if os.name == "posix":
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        else:
-            subprocess.call(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.process.wait()
+    def transform(self, name):
+        """The SimpleITK transform of candidate `name`, read from its file."""
+        return self.outputs.read_transform(name)
 
     def cleanup(self):
-        """Remove the temporary folder (inputs, outputs); the run must have ended."""
-        if self.process.poll() is None:
-            self.cancel()
-        shutil.rmtree(self.workDir, ignore_errors=True)
+        """Remove the run folder (the transform files); nodes already in the scene stay."""
+        shutil.rmtree(self.runFolder, ignore_errors=True)
 
 
 class AutoRegisterLogic(ScriptedLoadableModuleLogic):
@@ -525,7 +526,6 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
         """`scene` defaults to slicer.mrmlScene."""
         ScriptedLoadableModuleLogic.__init__(self)
         self._scene = scene
-        ensureLibraryImportable()
 
     @property
     def scene(self):
@@ -539,29 +539,21 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
     # --- choices shown in the GUI ------------------------------------------------------------
 
     def tableNames(self):
-        """Names of every preset table (built-in and the user's)."""
+        """Names of every preset table that loads (built-in and the user's); broken files are logged."""
         from AutoRegisterLib import presets
 
-        try:
-            return [t.name for t in presets.list_tables()]
-        except Exception as exc:  # a broken user table must not break the module
-            logging.warning(f"AutoRegister: cannot list preset tables: {exc}")
-            return []
+        problems = []
+        tables = presets.list_tables(errors=problems)
+        for problem in problems:
+            logging.warning(f"AutoRegister: skipped a preset table: {problem}")
+        return [t.name for t in tables]
 
     def findTable(self, tableName, fixedModality, movingModality):
         """The table for a name, a JSON file path or a Table; the modality pair's table for "Automatic"."""
         from AutoRegisterLib import presets
 
-        if isinstance(tableName, presets.Table):
-            return tableName
-        if not tableName or tableName == AUTOMATIC_TABLE:
-            return presets.find_table(fixedModality, movingModality)
-        if str(tableName).endswith(".json") and os.path.isfile(tableName):
-            return presets.load_table(tableName)
-        for table in presets.list_tables():
-            if table.name == tableName:
-                return table
-        raise ValueError(f"no preset table named {tableName!r}")
+        automatic = not tableName or tableName == AUTOMATIC_TABLE
+        return presets.resolve_table(None if automatic else tableName, fixedModality, movingModality)
 
     def tablePresetNames(self, tableName, fixedModality, movingModality):
         """Preset names of a table ([] when it cannot be loaded)."""
@@ -572,31 +564,42 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
             return []
 
     def guessModality(self, volumeNode):
-        """The library's modality guess for a volume node ('CT' or 'MR')."""
-        from AutoRegisterLib import mrml, presets
+        """The library's modality guess ('CT' or 'MR') from every 4th voxel, so a large CT costs no copy."""
+        from AutoRegisterLib import presets
+        from AutoRegisterLib.image import Image
 
         try:
-            return presets.guess_modality(mrml.image_from_volume_node(volumeNode))
+            sample = slicer.util.arrayFromVolume(volumeNode)[::4, ::4, ::4]
+            return presets.guess_modality(Image(sample, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
         except Exception:
             return "MR"
+
+    @staticmethod
+    def scoringWindow(voxels):
+        """The scoring window the GUI passes on: None (the table's own) for 0, else the next odd size."""
+        voxels = int(voxels or 0)
+        if voxels <= 0:
+            return None
+        return max(3, voxels if voxels % 2 else voxels + 1)
 
     def optionsFromParameterNode(self, p):
         """register()/start() keyword arguments from the GUI's parameter node."""
         return dict(
             fixedModality=p.fixedModality, movingModality=p.movingModality, table=p.tableName,
             disabledPresets=[n for n in p.disabledPresets.split(",") if n],
-            scoringWindowVoxels=p.scoringWindowVoxels, jobs=p.jobs or None, timeoutSeconds=p.timeoutSeconds,
-            device=p.device, keepAllCandidates=p.keepAllCandidates, createOutputVolume=p.createOutputVolume,
+            scoringWindowVoxels=self.scoringWindow(p.scoringWindowVoxels), jobs=p.jobs or None,
+            timeoutSeconds=p.timeoutSeconds, device=p.device, keepAllCandidates=p.keepAllCandidates,
+            createOutputVolume=p.createOutputVolume,
         )
 
     # --- dependencies -------------------------------------------------------------------------
 
-    def missingDependencies(self):
+    def missingDependencies(self, requiredOnly=False):
         """pip name -> what is lost, for each package the engine would import but cannot find."""
-        import importlib.util
-
         missing = {}
-        for pip, (module, purpose) in DEPENDENCIES.items():
+        for pip, (module, purpose, required) in DEPENDENCIES.items():
+            if requiredOnly and not required:
+                continue
             if importlib.util.find_spec(module) is None:
                 if pip == "itk-elastix" and self.elastixExecutable():
                     continue
@@ -604,41 +607,35 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
         return missing
 
     def installDependencies(self, packages=None):
-        """pip-install the missing packages once, pinning Slicer's numpy and scipy so they are not replaced."""
+        """Install packages: torch through the PyTorch extension, the rest by pip with Slicer's numpy,
+        scipy and SimpleITK pinned so they are not replaced."""
         packages = list(packages or self.missingDependencies())
-        if not packages:
-            return []
-        import importlib.metadata
-
-        pins = []
-        for name in ("numpy", "scipy", "SimpleITK"):
+        if "torch" in packages:
+            packages.remove("torch")
             try:
-                pins.append(f"{name}=={importlib.metadata.version(name)}")
-            except importlib.metadata.PackageNotFoundError:
-                pass
-        constraints = tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False)
-        try:
-            constraints.write("\n".join(pins) + "\n")
-            constraints.close()
-            if "torch" in packages:
-                packages.remove("torch")
-                self._installTorch(constraints.name)
-            if packages:
-                slicer.util.pip_install(packages + ["--constraint", constraints.name])
-        finally:
-            os.unlink(constraints.name)
+                import PyTorchUtils
+            except ImportError:
+                raise RuntimeError(_("PyTorch is installed by the PyTorch extension: install it from the "
+                                     "Extensions Manager, restart Slicer, then try again.")) from None
+            # The PyTorch extension picks the wheel that matches the GPU (plain pip would pull CUDA on Linux).
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                             torchVersionRequirement=">=2.1") is None:
+                raise RuntimeError(_("PyTorch could not be installed."))
+        if packages:
+            import importlib.metadata
+
+            pins = []
+            for name in ("numpy", "scipy", "SimpleITK"):
+                try:
+                    pins.append(f"{name}=={importlib.metadata.version(name)}")
+                except importlib.metadata.PackageNotFoundError:
+                    pass
+            with tempfile.TemporaryDirectory() as folder:
+                constraints = os.path.join(folder, "constraints.txt")
+                with open(constraints, "w") as f:
+                    f.write("\n".join(pins) + "\n")
+                slicer.util.pip_install(packages + ["--constraint", constraints])
         return packages
-
-    def _installTorch(self, constraintsPath):
-        # The PyTorch extension picks the wheel that matches the GPU; plain pip is the fallback.
-        try:
-            import PyTorchUtils
-
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is not None:
-                return
-        except ImportError:
-            pass
-        slicer.util.pip_install(["torch", "--constraint", constraintsPath])
 
     # --- tools that Slicer already has ----------------------------------------------------------
 
@@ -649,29 +646,42 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
         except AttributeError:
             return None
 
-    def elastixExecutable(self):
-        """Path of SlicerElastix's elastix executable, or None when that extension is not installed."""
+    def elastixLogic(self):
+        """SlicerElastix's logic when that extension is installed and its elastix exists, else None."""
         try:
             import Elastix
 
-            elastixLogic = Elastix.ElastixLogic()
-            path = os.path.join(elastixLogic.getElastixBinDir(), elastixLogic.elastixFilename)
-            return path if os.path.isfile(path) else None
+            logic = Elastix.ElastixLogic()
+            return logic if os.path.isfile(os.path.join(logic.getElastixBinDir(), logic.elastixFilename)) else None
         except Exception:
             return None
 
+    def elastixExecutable(self):
+        """Path of SlicerElastix's elastix executable, or None."""
+        logic = self.elastixLogic()
+        return os.path.join(logic.getElastixBinDir(), logic.elastixFilename) if logic else None
+
     def engineEnvironment(self):
-        """Environment of the engine process: Slicer's startup environment plus our library and tools."""
+        """Environment of the engine: Slicer's startup environment, SlicerElastix's, our library first."""
         try:
             env = dict(slicer.util.startupEnvironment())
         except Exception:  # outside the Slicer application
             env = dict(os.environ)
+        elastix = self.elastixLogic()
+        if elastix is not None:
+            try:  # elastix finds its own libraries as SlicerElastix runs it (Elastix.py getElastixEnv)
+                for name, value in elastix.getElastixEnv().items():
+                    if name.upper() in ("PATH", "LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH"):
+                        env[name] = value
+            except Exception as exc:
+                logging.warning(f"AutoRegister: SlicerElastix environment not used: {exc}")
+            env["AUTOREGISTER_ELASTIX"] = self.elastixExecutable()
+        if self.brainsfitExecutable():
+            env["AUTOREGISTER_BRAINSFIT"] = self.brainsfitExecutable()
+        # Slicer clears it for its own CLIs: pip's ITK would load Slicer's ITK factories.
+        env.pop("ITK_AUTOLOAD_PATH", None)
         env["PYTHONPATH"] = os.pathsep.join([libraryRoot()] + [p for p in [env.get("PYTHONPATH")] if p])
         env["PYTHONUNBUFFERED"] = "1"
-        for name, path in (("AUTOREGISTER_BRAINSFIT", self.brainsfitExecutable()),
-                           ("AUTOREGISTER_ELASTIX", self.elastixExecutable())):
-            if path:
-                env[name] = path
         return env
 
     def pythonExecutable(self):
@@ -679,7 +689,7 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
         return shutil.which("PythonSlicer") or sys.executable
 
     def temporaryFolder(self):
-        """A new folder under Slicer's temporary path (removed when the run ends)."""
+        """A new run folder under Slicer's temporary path."""
         try:
             base = os.path.join(slicer.app.temporaryPath, "AutoRegister")
         except AttributeError:
@@ -692,81 +702,66 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
     def start(self, fixedVolume, movingVolume, fixedModality=None, movingModality=None, table=None,
               presets=None, disabledPresets=(), scoringWindowVoxels=None, jobs=None, timeoutSeconds=600,
               device="auto", keepAllCandidates=False, createOutputVolume=False):
-        """Write the volumes to a temporary folder and start the engine; returns an EngineProcess."""
-        from dataclasses import replace
+        """Write the volumes into a new run folder and start the engine; returns an AutoRegisterRun."""
+        import json
 
         from AutoRegisterLib import mrml
+        from AutoRegisterLib.engine import EngineRun
         from AutoRegisterLib.image import write_image
 
         if fixedVolume is None or movingVolume is None:
             raise ValueError(_("Select a fixed and a moving volume."))
         if fixedVolume == movingVolume:
             raise ValueError(_("The fixed and moving volumes must be different."))
-        # Fixed as the user sees it; moving in its own coordinates, because our result replaces its parent.
-        fixedImage = mrml.image_from_volume_node(fixedVolume, world=True)
-        movingImage = mrml.image_from_volume_node(movingVolume)
+        if presets is not None and not isinstance(presets, str) and not all(isinstance(p, str) for p in presets):
+            raise TypeError("presets must be preset names")
         fixedModality = fixedModality or self.guessModality(fixedVolume)
         movingModality = movingModality or self.guessModality(movingVolume)
-        self._checkPresetNames(presets)
-        workDir = self.temporaryFolder()
+        runFolder = self.temporaryFolder()
         try:
-            fixedPath = os.path.join(workDir, "fixed.nrrd")
-            movingPath = os.path.join(workDir, "moving.nrrd")
-            write_image(fixedImage, fixedPath, compress=False)
-            write_image(movingImage, movingPath, compress=False)
-            outDir = os.path.join(workDir, "out")
-            args = [self.pythonExecutable(), "-m", "AutoRegisterLib", fixedPath, movingPath, "--out", outDir,
-                    "--fixed-modality", fixedModality, "--moving-modality", movingModality,
-                    "--timeout", str(float(timeoutSeconds)), "--device", device,
-                    # Every candidate's transform is needed to switch to another row of the results.
-                    "--keep-all", "--progress-json"]
-            if jobs:
-                args += ["--jobs", str(int(jobs))]
-            tableObject = None
-            if presets:
-                args += ["--presets", ",".join(presets) if not isinstance(presets, str) else presets]
-            else:
-                tableObject = self.findTable(table, fixedModality, movingModality)
-                disabled = set(disabledPresets or ())
-                if disabled or scoringWindowVoxels:
-                    tableObject = tableObject.without(disabled)
-                    if not tableObject.presets:
-                        raise ValueError(_("Every preset is switched off."))
-                    if scoringWindowVoxels:
-                        scoring = replace(tableObject.scoring, window_voxels=int(scoringWindowVoxels))
-                        tableObject = replace(tableObject, scoring=scoring)
-                tablePath = os.path.join(workDir, "table.json")
+            # Fixed as the user sees it; moving in its own coordinates, because our result replaces its parent.
+            fixedPath = os.path.join(runFolder, "fixed.nrrd")
+            movingPath = os.path.join(runFolder, "moving.nrrd")
+            write_image(mrml.image_from_volume_node(fixedVolume, world=True), fixedPath, compress=False)
+            write_image(mrml.image_from_volume_node(movingVolume), movingPath, compress=False)
+            tablePath, tableName = None, "custom"
+            if not presets:
+                tableObject = self.findTable(table, fixedModality, movingModality).with_overrides(
+                    disabled=set(disabledPresets or ()), window_voxels=scoringWindowVoxels)
+                if not tableObject.presets:
+                    raise ValueError(_("Every preset is switched off."))
+                tablePath, tableName = os.path.join(runFolder, "table.json"), tableObject.name
                 with open(tablePath, "w") as f:
                     json.dump(tableObject.to_dict(), f, indent=2)
-                args += ["--table", tablePath]
-            context = dict(fixedVolume=fixedVolume, movingVolume=movingVolume, fixedImage=fixedImage,
-                           movingImage=movingImage, keepAllCandidates=keepAllCandidates,
-                           createOutputVolume=createOutputVolume,
-                           tableName=tableObject.name if tableObject is not None else "custom")
-            logging.info(f"AutoRegister: {' '.join(args)}")
-            return EngineProcess(args, self.engineEnvironment(), workDir, outDir, context)
+            engine = EngineRun.start(
+                runFolder, env=self.engineEnvironment(), fixed_path=fixedPath, moving_path=movingPath,
+                python=self.pythonExecutable(), table_path=tablePath, presets=presets,
+                fixed_modality=fixedModality, moving_modality=movingModality, timeout_s=float(timeoutSeconds),
+                device=device, jobs=jobs, keep_all=True)
+            logging.info(f"AutoRegister: {' '.join(engine.argv)}")
         except BaseException:
-            shutil.rmtree(workDir, ignore_errors=True)
+            shutil.rmtree(runFolder, ignore_errors=True)
             raise
-
-    def _checkPresetNames(self, presets):
-        if presets is None or isinstance(presets, str):
-            return
-        if not all(isinstance(p, str) for p in presets):
-            raise TypeError("presets must be preset names")
+        return AutoRegisterRun(engine, fixedVolume, movingVolume, tableName, keepAllCandidates, createOutputVolume)
 
     def register(self, fixedVolume, movingVolume, progress=None, timeout=None, **options):
-        """Register without the GUI: start the engine, wait, and bring the best result into the scene.
+        """Register without the GUI: start the engine, wait (Slicer keeps drawing), apply the best result.
 
         Options are those of start(). Returns an AutoRegisterResult with every candidate;
         result.transformNode is the moving volume's new parent transform.
         """
         run = self.start(fixedVolume, movingVolume, **options)
         try:
-            run.wait(progress=progress or self._logProgress, timeout=timeout)
+            run.engine.wait(progress=progress or self._logProgress, timeout=timeout, idle=self._processEvents)
             return self.finish(run)
-        finally:
-            run.cleanup()
+        except BaseException:
+            run.engine.cleanup()
+            raise
+
+    def _processEvents(self):
+        app = getattr(slicer, "app", None)
+        if app is not None:
+            app.processEvents()
 
     def _logProgress(self, event):
         if event.get("event") in ("finish", "done"):
@@ -774,55 +769,52 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
 
     def describeEvent(self, event, run):
         """One status line for a progress event."""
-        running = {e["candidate"] for e in run.events if e.get("event") == "start"}
-        running -= {e["candidate"] for e in run.events if e.get("event") == "finish"}
+        running = ", ".join(run.engine.running.names) or "-"
         if event.get("event") == "finish":
             return _("{name}: {status}. Running: {running}").format(
-                name=event["candidate"], status=event.get("status"), running=", ".join(sorted(running)) or "-")
-        return _("Running: {running}").format(running=", ".join(sorted(running)) or "-")
+                name=event["candidate"], status=event.get("status"), running=running)
+        return _("Running: {running}").format(running=running)
 
     def finish(self, run):
-        """Read the engine's result.json and transforms, then create or replace our output nodes."""
-        import SimpleITK as sitk  # bundled with Slicer; only used to read the engine's transform files
+        """Read the engine's outputs and make the winner the moving volume's parent transform."""
+        from AutoRegisterLib.events import ExitCode
 
-        from AutoRegisterLib.pipeline import Candidate
-
-        code = run.exitCode
-        if run.cancelled:
+        engine = run.engine
+        if engine.cancelled:
             raise RuntimeError(_("Registration cancelled; the scene was not changed."))
-        resultPath = os.path.join(run.outDir, "result.json")
-        if code not in (0, 3) or not os.path.isfile(resultPath):
-            message = next((e.get("message") for e in run.events if e.get("event") == "done"), None)
-            details = message or "\n".join(run.log[-5:]) or f"exit code {code}"
+        outputs = engine.outputs()
+        if outputs.exit_code not in (ExitCode.OK, ExitCode.NO_RESULT) or not outputs.summary:
+            details = outputs.message or f"exit code {outputs.exit_code}"
             raise RuntimeError(_("The registration engine failed: {details}").format(details=details))
-        with open(resultPath) as f:
-            summary = json.load(f)
-        fields = set(Candidate.__dataclass_fields__) - {"transform", "warped", "transform_path"}
-        candidates = []
-        for entry in summary["candidates"]:
-            candidate = Candidate(**{k: v for k, v in entry.items() if k in fields})
-            if entry.get("transform"):
-                candidate.transform_path = entry["transform"]
-                candidate.transform = sitk.ReadTransform(os.path.join(run.outDir, entry["transform"]))
-            candidates.append(candidate)
-        best = next((c for c in candidates if c.name == summary.get("best")), None)
-        ctx = run.context
-        result = AutoRegisterResult(
-            candidates=candidates, best=best, fixedModality=summary.get("fixed_modality"),
-            movingModality=summary.get("moving_modality"), tableName=ctx.get("tableName"), exitCode=code,
-            message="", fixedVolume=ctx["fixedVolume"], movingVolume=ctx["movingVolume"],
-            createOutputVolume=ctx.get("createOutputVolume", False), summary=summary,
-            fixedImage=ctx["fixedImage"], movingImage=ctx["movingImage"])
-        if best is None:
-            reasons = "; ".join(f"{c.name}: {c.error or c.status}" for c in candidates)
+        self._checkEngineLibrary(engine)
+        for node in (run.fixedVolume, run.movingVolume):
+            if not self.scene.IsNodePresent(node):
+                raise RuntimeError(_("An input volume was removed during the registration; nothing was applied."))
+        result = AutoRegisterResult(outputs=outputs, fixedVolume=run.fixedVolume, movingVolume=run.movingVolume,
+                                    tableName=run.tableName, runFolder=engine.run_dir,
+                                    createOutputVolume=run.createOutputVolume)
+        if result.best is None:
+            reasons = "; ".join(f"{c.name}: {c.error or c.status}" for c in result.candidates)
             result.message = _("No preset succeeded ({reasons}).").format(reasons=reasons)
             return result
-        self.applyCandidate(result, best.name)
-        if ctx.get("keepAllCandidates"):
+        self.applyCandidate(result, result.best.name)
+        if run.keepAllCandidates:
             self._keepCandidateNodes(result)
         result.message = _("Best: {name} (score {score:.3f}); applied to '{moving}'.").format(
-            name=best.name, score=best.score or 0.0, moving=result.movingVolume.GetName())
+            name=result.best.name, score=result.best.score or 0.0, moving=result.movingVolume.GetName())
         return result
+
+    def _checkEngineLibrary(self, engine):
+        """Warn when the engine ran another AutoRegisterLib than this module (an installed extension and a
+        checkout both on Slicer's paths: the launcher puts its own paths before ours)."""
+        import AutoRegisterLib
+
+        hello = next((e for e in engine.events if e.get("event") == "hello"), {})
+        library = hello.get("library")
+        if hello.get("version") != AutoRegisterLib.__version__ or (library and os.path.normcase(
+                os.path.realpath(library)) != os.path.normcase(os.path.realpath(libraryRoot()))):
+            logging.warning(f"AutoRegister: the engine ran AutoRegisterLib {hello.get('version')} from {library}, "
+                            f"this module uses {AutoRegisterLib.__version__} from {libraryRoot()}")
 
     def applyCandidate(self, result, name):
         """Make candidate `name` the moving volume's parent transform (and refill the output volume)."""
@@ -830,37 +822,58 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
         from AutoRegisterLib.image import resample_to_grid
 
         candidate = result.candidate(name)
-        if candidate.transform is None:
+        if not candidate.transform_path:
             raise ValueError(_("{name} has no transform ({status}).").format(name=name, status=candidate.status))
+        transform = result.transform(name)
         moving, scene = result.movingVolume, self.scene
-        previous = mrml.find_output_node(scene, "transform", moving)
         node = mrml.transform_node_from_transform(
-            candidate.transform, scene, name=f"{moving.GetName()} AutoRegister ({name})",
-            reference=result.fixedImage, node=previous)
+            transform, scene, name=f"{moving.GetName()} AutoRegister ({name})", reference=result.fixedVolume,
+            node=mrml.find_output_node(scene, "transform", moving))
         mrml.mark_output_node(node, "transform", moving)
         node.SetAttribute("AutoRegister.Candidate", name)
         moving.SetAndObserveTransformNodeID(node.GetID())
+        self._placeBeside(node, moving)
         result.transformNode = node
         if result.createOutputVolume:
-            warped = resample_to_grid(result.movingImage, result.fixedImage, candidate.transform)
+            warped = resample_to_grid(mrml.image_from_volume_node(moving),
+                                      mrml.image_from_volume_node(result.fixedVolume, world=True), transform)
             volume = mrml.volume_node_from_image(
                 warped, scene, name=f"{moving.GetName()} registered", node=mrml.find_output_node(scene, "volume", moving))
             mrml.mark_output_node(volume, "volume", moving)
+            self._placeBeside(volume, moving)
             result.outputVolume = volume
         return node
+
+    def _placeBeside(self, node, moving):
+        """Put a new node in the moving volume's subject-hierarchy folder (not at the root)."""
+        try:
+            sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+            parent = sh.GetItemParent(sh.GetItemByDataNode(moving))
+            sh.SetItemParent(sh.GetItemByDataNode(node), parent)
+        except Exception as exc:  # no subject hierarchy (bare scene): the root is fine
+            logging.debug(f"AutoRegister: subject hierarchy not set: {exc}")
+
+    def showInViews(self, result):
+        """Show the registered moving volume over the fixed one in the slice views."""
+        if result.best is not None and hasattr(slicer.util, "setSliceViewerLayers"):
+            slicer.util.setSliceViewerLayers(background=result.fixedVolume,
+                                             foreground=result.outputVolume or result.movingVolume,
+                                             foregroundOpacity=0.5, fit=True)
 
     def _keepCandidateNodes(self, result):
         from AutoRegisterLib import mrml
 
         moving = result.movingVolume
         for candidate in result.candidates:
-            if candidate.transform is None:
+            if not candidate.transform_path:
                 continue
             role = f"candidate:{candidate.name}"
             node = mrml.transform_node_from_transform(
-                candidate.transform, self.scene, name=f"{moving.GetName()} AutoRegister candidate {candidate.name}",
-                reference=result.fixedImage, node=mrml.find_output_node(self.scene, role, moving))
+                result.transform(candidate.name), self.scene, reference=result.fixedVolume,
+                name=f"{moving.GetName()} AutoRegister candidate {candidate.name}",
+                node=mrml.find_output_node(self.scene, role, moving))
             result.candidateTransformNodes[candidate.name] = mrml.mark_output_node(node, role, moving)
+            self._placeBeside(node, moving)
 
     def resultRows(self, result):
         """Text of the results table, one row per candidate, in RESULT_COLUMNS order."""
@@ -869,7 +882,7 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
 
         rows = []
         for c in result.candidates:
-            status = c.status if not c.error else f"{c.status}: {c.error}"
+            status = str(c.status) if not c.error else f"{c.status}: {c.error}"
             rows.append([c.name, c.backend, _number(c.score, ".3f"), _number(c.coverage, ".2f"),
                          _number(c.folding_fraction, ".3f"), _number(c.seconds, ".1f"), status])
         return rows
@@ -881,81 +894,156 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
 
 
 class AutoRegisterTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: registers two real volumes end to end, from the console API and the button."""
+    """Runs inside Slicer (and from Testing/slicer_smoke.py): registers two small volumes it makes itself,
+    from the console API and from the button, and cancels a run."""
 
     def setUp(self):
-        """Start from an empty scene."""
+        """Start from an empty scene with the dependencies in place."""
         slicer.mrmlScene.Clear()
+        logic = AutoRegisterLogic()
+        missing = logic.missingDependencies(requiredOnly=True)
+        if missing:
+            if not slicer.app.commandOptions().testingEnabled:
+                self.skipTest(f"not installed: {', '.join(missing)} (AutoRegister's Install dependencies)")
+            logic.installDependencies(list(missing))
 
     def runTest(self):
         """Run every test."""
-        self.setUp()
-        self.test_register_recovers_a_known_rigid_misalignment()
-        self.setUp()
-        self.test_register_button_runs_in_the_background()
+        for test in (self.test_register_recovers_a_known_rigid_misalignment,
+                     self.test_register_button_runs_in_the_background, self.test_cancel_leaves_the_scene_alone):
+            self.setUp()
+            test()
 
-    def _loadCase(self):
-        """MRHead as fixed; moving = MRHead moved by a known rigid transform (through the library)."""
+    @staticmethod
+    def makeHeadPhantom(size=48, spacing=4.0):
+        """A small asymmetric head-like volume (library Image, LPS): scalp, brain, a ventricle, a lesion, texture."""
         import numpy as np
-        import SampleData
+
+        from AutoRegisterLib.image import Image
+
+        z, y, x = np.mgrid[0:size, 0:size, 0:size].astype(np.float32) / (size - 1) * 2 - 1
+        head = (x / 0.8) ** 2 + (y / 0.9) ** 2 + (z / 0.75) ** 2
+        volume = np.where(head < 1.0, 300.0, 0.0) + np.where(head < 0.8, 500.0, 0.0)
+        volume += np.where(((x - 0.15) / 0.12) ** 2 + (y / 0.35) ** 2 + ((z - 0.1) / 0.15) ** 2 < 1, -400, 0)
+        volume += np.where(((x + 0.35) / 0.15) ** 2 + ((y - 0.3) / 0.1) ** 2 + ((z + 0.2) / 0.2) ** 2 < 1, 300, 0)
+        # Texture at the scale of a few voxels, like gyri: a smooth ellipsoid alone pins no rotation down.
+        texture = np.random.default_rng(7).normal(size=volume.shape)
+        kernel = np.exp(-0.5 * (np.arange(-3, 4) / 1.2) ** 2)
+        for axis in range(3):
+            texture = np.apply_along_axis(lambda v: np.convolve(v, kernel / kernel.sum(), "same"), axis, texture)
+        volume += 400.0 * texture / texture.std() * (head < 0.8)
+        origin = (-(size - 1) * spacing / 2,) * 3
+        return Image(volume.astype(np.float32), (spacing,) * 3, origin)
+
+    @staticmethod
+    def knownTransform(image):
+        """A known rigid misalignment about the volume's centre (about 5 degrees and 7 mm)."""
+        import numpy as np
         import SimpleITK as sitk
 
+        centre = image.physical_points(np.array([[(n - 1) / 2 for n in image.size]]))[0]
+        return sitk.Euler3DTransform(tuple(float(c) for c in centre), 0.06, -0.04, 0.08, (4.0, -3.0, 4.0))
+
+    @classmethod
+    def makeCase(cls, scene, fixedImage):
+        """Fixed and moving volume nodes; moving(x) = fixed(truth(x)), so the right answer is truth's inverse."""
         from AutoRegisterLib import mrml
         from AutoRegisterLib.image import resample_to_grid
 
-        fixed = SampleData.downloadSample("MRHead")
-        fixedImage = mrml.image_from_volume_node(fixed)
-        centre = fixedImage.physical_points(np.array([[(n - 1) / 2 for n in fixedImage.size]]))[0]
-        truth = sitk.Euler3DTransform(tuple(centre), 0.08, -0.05, 0.1, (6.0, -4.0, 5.0))
-        moving = mrml.volume_node_from_image(resample_to_grid(fixedImage, fixedImage, truth), slicer.mrmlScene,
-                                             "MRHead moved")
-        return fixed, moving, fixedImage, truth
+        truth = cls.knownTransform(fixedImage)
+        fixed = mrml.volume_node_from_image(fixedImage, scene, "AutoRegister test fixed")
+        moving = mrml.volume_node_from_image(resample_to_grid(fixedImage, fixedImage, truth), scene,
+                                             "AutoRegister test moving")
+        return fixed, moving, truth
 
-    def _meanErrorMm(self, transformNode, fixedImage, truth):
-        """Mean distance, over points of the fixed volume, between the node's mapping and the truth."""
+    def meanErrorMm(self, transformNode, fixedImage, truth):
+        """Mean |truth(T(p)) - p| over points inside the fixed volume, T being the node's fixed->moving map."""
         import numpy as np
 
         from AutoRegisterLib import mrml
 
         rng = np.random.default_rng(0)
-        points = fixedImage.physical_points(rng.uniform(0.2, 0.8, size=(200, 3)) * np.array(fixedImage.size))
-        errors = [np.linalg.norm(mrml.LPS_FROM_RAS @ mrml.transform_point_ras(transformNode, mrml.LPS_FROM_RAS @ p)
-                                 - np.array(truth.TransformPoint(tuple(p)))) for p in points]
+        points = fixedImage.physical_points(rng.uniform(0.25, 0.75, size=(200, 3)) * np.array(fixedImage.size))
+        errors = []
+        for p in points:
+            mapped = mrml.LPS_FROM_RAS @ mrml.transform_point_ras(transformNode, mrml.LPS_FROM_RAS @ p)
+            errors.append(np.linalg.norm(np.array(truth.TransformPoint(tuple(float(v) for v in mapped))) - p))
         return float(np.mean(errors))
 
     def test_register_recovers_a_known_rigid_misalignment(self):
         """Console API: the result's transform node is the moving parent and matches the truth."""
-        self.delayDisplay("Registering MRHead to a moved copy")
-        fixed, moving, fixedImage, truth = self._loadCase()
+        self.delayDisplay("Registering a phantom to a moved copy")
+        fixedImage = self.makeHeadPhantom()
+        fixed, moving, truth = self.makeCase(slicer.mrmlScene, fixedImage)
         before = moving.GetImageData().GetScalarRange()
         logic = AutoRegisterLogic()
-        result = logic.register(fixed, moving, presets=["sitk-rigid", "sitk-affine"], createOutputVolume=True)
+        result = logic.register(fixed, moving, presets=["sitk-rigid", "sitk-affine"], createOutputVolume=True,
+                                fixedModality="T1", movingModality="T1", timeout=600)
         self.assertIsNotNone(result.best)
         self.assertEqual(len(result.candidates), 2)
         self.assertEqual(moving.GetParentTransformNode(), result.transformNode)
         self.assertEqual(moving.GetImageData().GetScalarRange(), before)  # input voxels untouched
-        self.assertLess(self._meanErrorMm(result.transformNode, fixedImage, truth), 1.5)
+        self.assertLess(self.meanErrorMm(result.transformNode, fixedImage, truth), 1.0)
         # Running again replaces our nodes instead of adding more.
         transforms = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTransformNode")
-        again = logic.register(fixed, moving, presets=["sitk-rigid"], createOutputVolume=True)
+        again = logic.register(fixed, moving, presets=["sitk-rigid"], createOutputVolume=True,
+                               fixedModality="T1", movingModality="T1", timeout=600)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTransformNode"), transforms)
         self.assertEqual(again.outputVolume.GetID(), result.outputVolume.GetID())
+        result.cleanup()
+        again.cleanup()
         self.delayDisplay("Console registration passed")
 
-    def test_register_button_runs_in_the_background(self):
-        """GUI: the button starts the engine, Slicer keeps processing events, the table fills."""
-        fixed, moving, fixedImage, truth = self._loadCase()
+    def _widgetWithCase(self):
+        """The module's widget bound to a fresh phantom case and a one-preset table file."""
+        import json
+
+        fixedImage = self.makeHeadPhantom()
+        fixed, moving, truth = self.makeCase(slicer.mrmlScene, fixedImage)
         slicer.util.selectModule("AutoRegister")
         widget = slicer.modules.AutoRegisterWidget
-        widget._parameterNode.fixedVolume = fixed
-        widget._parameterNode.movingVolume = moving
-        widget._parameterNode.tableName = AUTOMATIC_TABLE
-        widget.ui.registerButton.click()
-        deadline = time.monotonic() + 1800
+        table = os.path.join(tempfile.mkdtemp(prefix="AutoRegisterTest-"), "sitk-rigid.json")
+        with open(table, "w") as f:
+            json.dump({"schema": "autoregister-table/1", "name": "self-test", "fixed_modality": "T1",
+                       "moving_modality": "T1", "presets": ["sitk-rigid"]}, f)
+        p = widget._parameterNode
+        p.fixedVolume, p.movingVolume = fixed, moving
+        p.fixedModality = p.movingModality = "T1"
+        p.tableName = table
+        return widget, fixed, moving, truth, fixedImage
+
+    def _waitWhileRunning(self, widget, seconds):
+        deadline = time.monotonic() + seconds
         while widget._run is not None and time.monotonic() < deadline:
             slicer.app.processEvents()
             time.sleep(0.05)
-        self.assertIsNotNone(widget._result)
+        self.assertIsNone(widget._run, "the run did not end in time")
+
+    def test_register_button_runs_in_the_background(self):
+        """GUI: the button starts the engine, Slicer keeps processing events, the table fills."""
+        widget, fixed, moving, truth, fixedImage = self._widgetWithCase()
+        self.assertTrue(widget.ui.registerButton.enabled, widget.ui.registerButton.toolTip)
+        widget.ui.registerButton.click()
+        self._waitWhileRunning(widget, 600)
+        self.assertIsNotNone(widget._result, widget.ui.statusLabel.text)
         self.assertGreater(widget.ui.resultsTable.rowCount, 0)
-        self.assertLess(self._meanErrorMm(widget._result.transformNode, fixedImage, truth), 1.5)
+        self.assertEqual(moving.GetParentTransformNode(), widget._result.transformNode)
+        self.assertLess(self.meanErrorMm(widget._result.transformNode, fixedImage, truth), 1.0)
         self.delayDisplay("Register button passed")
+
+    def test_cancel_leaves_the_scene_alone(self):
+        """GUI: Cancel during a run ends it without a dialog, applies nothing and removes its files."""
+        widget, fixed, moving, truth, fixedImage = self._widgetWithCase()
+        widget.ui.registerButton.click()
+        run = widget._run
+        self.assertIsNotNone(run)
+        deadline = time.monotonic() + 120
+        while not any(e.get("event") == "hello" for e in run.engine.events) and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        widget.ui.cancelButton.click()
+        self._waitWhileRunning(widget, 60)
+        self.assertIsNone(moving.GetParentTransformNode())
+        self.assertFalse(os.path.exists(run.engine.run_dir))
+        self.assertIn("Cancelled", widget.ui.statusLabel.text)
+        self.delayDisplay("Cancel passed")

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -88,23 +87,33 @@ def test_parameter_names_in_the_ui_are_fields_of_the_parameter_node():
 
 def test_top_level_imports_are_only_what_slicer_bundles():
     top = imported_roots(module_tree().body)
-    foreign = {name for name in top if name not in SLICER_BUNDLED and name not in sys.stdlib_module_names}
+    foreign = {name for name in top if name not in SLICER_BUNDLED | {"AutoRegisterLib"}
+               and name not in sys.stdlib_module_names}
     assert foreign == set(), f"import these inside functions: {foreign}"
+    # The module is imported when Slicer starts: at the top it takes only the library's light vocabulary.
+    lib = {n.module for n in module_tree().body if isinstance(n, ast.ImportFrom) and n.module
+           and n.module.startswith("AutoRegisterLib")}
+    assert lib <= {"AutoRegisterLib.events", "AutoRegisterLib.modality"}, lib
 
 
 def test_module_uses_no_registration_toolkit_and_no_algorithm_of_its_own():
     tree = module_tree()
     assert imported_roots(ast.walk(tree)) & TOOLKITS == set()
     # Registration, scoring and geometry come from AutoRegisterLib; SimpleITK only reads transform files.
-    lib_imports = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-                   and n.module.startswith("AutoRegisterLib")}
-    assert {"AutoRegisterLib.mrml", "AutoRegisterLib.image", "AutoRegisterLib.pipeline"} & lib_imports
+    lib_imports = {n.module if n.module != "AutoRegisterLib" else f"AutoRegisterLib.{a.name}"
+                   for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                   and n.module.startswith("AutoRegisterLib") for a in n.names}
+    assert {"AutoRegisterLib.mrml", "AutoRegisterLib.engine"} <= lib_imports
+    # No process plumbing of its own: the engine client (AutoRegisterLib.engine) spawns, reads and kills.
+    assert imported_roots(ast.walk(tree)) & {"subprocess", "signal", "queue", "threading", "psutil"} == set()
     sitk_calls = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
                   and isinstance(n.value, ast.Name) and n.value.id == "sitk"}
-    assert sitk_calls <= {"ReadTransform", "Euler3DTransform"}  # the latter builds the Test's known truth
-    numpy_math = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+    assert sitk_calls <= {"Euler3DTransform"}  # the Test's known truth; transforms are read by the library
+    # Only the Test class builds its phantom and measures errors; the GUI and the Logic compute nothing.
+    glue = [n for n in tree.body if not (isinstance(n, ast.ClassDef) and n.name == "AutoRegisterTest")]
+    numpy_math = {n.attr for node in glue for n in ast.walk(node) if isinstance(n, ast.Attribute)
                   and isinstance(n.value, ast.Name) and n.value.id == "np"}
-    assert numpy_math <= {"array", "mean", "linalg", "random"}  # only the in-Slicer Test measures errors
+    assert numpy_math == set()
 
 
 def test_module_classes_and_public_functions_have_docstrings():
@@ -143,66 +152,14 @@ def test_cmake_declares_the_extension_module_library_and_test():
 
 # --- the Logic, for real, with stand-ins for the GUI-only modules --------------------------------
 
-class _Anything(types.ModuleType):
-    """A module whose every attribute is a harmless callable class (qt, which needs a display)."""
-
-    def __getattr__(self, name):
-        return type(name, (), {"__init__": lambda self, *a, **k: None})
-
-
 @pytest.fixture()
-def logic_module(monkeypatch):
+def case_nodes(slicer_module):
+    """A phantom and a copy moved by a known rigid transform, as volume nodes of a slicer-core scene."""
     slicer = pytest.importorskip("slicer")
-    pytest.importorskip("SimpleITK")
-
-    class Base:
-        def __init__(self, *args, **kwargs):
-            pass
-
-    class LogicBase(Base):
-        def getParameterNode(self):
-            raise NotImplementedError("no parameter node without the Slicer application")
-
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    slm.ScriptedLoadableModule = slm.ScriptedLoadableModuleWidget = slm.ScriptedLoadableModuleTest = Base
-    slm.ScriptedLoadableModuleLogic = LogicBase
-    pnw = types.ModuleType("slicer.parameterNodeWrapper")
-    pnw.parameterNodeWrapper = lambda cls: cls
-    pnw.WithinRange = lambda low, high: (low, high)
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-    for name, module in {"qt": _Anything("qt"), "slicer.ScriptedLoadableModule": slm,
-                         "slicer.parameterNodeWrapper": pnw, "slicer.i18n": i18n}.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.syspath_prepend(str(MODULE_DIR))
-    monkeypatch.delitem(sys.modules, "AutoRegister", raising=False)
-    import AutoRegister
-
-    yield AutoRegister, slicer
-    sys.modules.pop("AutoRegister", None)
-
-
-@pytest.fixture()
-def case_nodes(tmp_path):
-    slicer = pytest.importorskip("slicer")
-    from AutoRegisterDev import data
-    from AutoRegisterLib import mrml
-    from AutoRegisterLib.errors import InputError
-
-    try:
-        t1 = data.load_icbm("t1", 4.0)
-    except InputError as exc:
-        pytest.skip(str(exc))
-    case = data.make_case(t1, t1, seed=3, rotation_deg=8.0, translation_mm=10.0)
+    fixed_image = slicer_module.AutoRegisterTest.makeHeadPhantom(size=32, spacing=4.0)
     scene = slicer.vtkMRMLScene()
-    fixed = mrml.volume_node_from_image(case.fixed, scene, "fixed")
-    moving = mrml.volume_node_from_image(case.moving, scene, "moving")
-    # SimpleITK presets only: fast, and independent of which optional toolkits this machine has.
-    table = tmp_path / "sitk.json"
-    table.write_text('{"schema": "autoregister-table/1", "name": "sitk-only", "fixed_modality": "T1", '
-                     '"moving_modality": "T1", "presets": ["sitk-rigid", "sitk-affine"]}')
-    return case, scene, fixed, moving, str(table)
+    fixed, moving, truth = slicer_module.AutoRegisterTest.makeCase(scene, fixed_image)
+    return fixed_image, truth, scene, fixed, moving
 
 
 def _descendants(pid: int) -> set[int]:
@@ -231,37 +188,38 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_logic_register_runs_the_engine_and_sets_the_moving_parent_transform(logic_module, case_nodes):
-    AutoRegister, slicer = logic_module
-    case, scene, fixed, moving, table = case_nodes
-    from AutoRegisterDev import data
+def test_logic_register_runs_the_engine_and_sets_the_moving_parent_transform(slicer_module, case_nodes):
+    fixed_image, truth, scene, fixed, moving = case_nodes
     from AutoRegisterLib import mrml
 
-    logic = AutoRegister.AutoRegisterLogic(scene=scene)
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    test = slicer_module.AutoRegisterTest()
     voxels_before = mrml.image_from_volume_node(moving).array.copy()
     fixed_geometry = mrml.ijk_to_ras(fixed)
     events = []
-    result = logic.register(fixed, moving, table=table, fixedModality="T1", movingModality="T1",
-                            createOutputVolume=True, keepAllCandidates=True, progress=events.append, timeout=300)
+    result = logic.register(fixed, moving, presets=["sitk-rigid", "sitk-affine"], fixedModality="T1",
+                            movingModality="T1", createOutputVolume=True, keepAllCandidates=True,
+                            progress=events.append, timeout=300)
 
     assert [c.name for c in result.candidates] == ["sitk-rigid", "sitk-affine"]
     assert result.best is not None and result.best.status == "ok"
-    assert all(c.transform is not None for c in result.candidates if c.status == "ok")
-    assert {e["event"] for e in events} >= {"start", "finish", "done"}
+    assert [e["event"] for e in events][0] == "hello" and events[-1]["event"] == "done"
+    assert {e["event"] for e in events} >= {"start", "finish", "score"}
     assert moving.GetParentTransformNode() is result.transformNode
     assert result.transformNode.GetClassName() == "vtkMRMLLinearTransformNode"
     # Inputs untouched.
     assert np.array_equal(mrml.image_from_volume_node(moving).array, voxels_before)
     assert np.array_equal(mrml.ijk_to_ras(fixed), fixed_geometry) and fixed.GetParentTransformNode() is None
-    # The node is the winner's transform, and the winner is right (known misalignment of 14 mm).
-    head = case.fixed.array > 0.1 * case.fixed.array.max()
-    assert data.point_error_mm(case, result.best.transform, head) < 1.0
-    points = case.fixed.physical_points(np.random.default_rng(0).uniform(5, 40, size=(50, 3)))
+    # The node is the winner's transform, and the winner is right (truth's inverse).
+    assert test.meanErrorMm(result.transformNode, fixed_image, truth) < 1.0
+    best = result.transform(result.best.name)
+    points = fixed_image.physical_points(np.random.default_rng(0).uniform(5, 25, size=(50, 3)))
     for p in points:
         node_point = mrml.LPS_FROM_RAS @ mrml.transform_point_ras(result.transformNode, mrml.LPS_FROM_RAS @ p)
-        assert np.linalg.norm(node_point - np.array(result.best.transform.TransformPoint(tuple(p)))) < 1e-6
+        assert np.linalg.norm(node_point - np.array(best.TransformPoint(tuple(p)))) < 1e-6
     assert result.outputVolume is not None and len(result.candidateTransformNodes) == 2
-    assert not any(Path(p).exists() for p in [result.summary.get("inputs", {}).get("fixed", "")] if p)
+    # Our nodes point at the moving volume by node reference.
+    assert result.transformNode.GetNodeReferenceID("AutoRegisterOutputFor") == moving.GetID()
 
     # Selecting another candidate refills our node; running again replaces our nodes, adds none.
     other = next(c.name for c in result.candidates if c.name != result.best.name)
@@ -270,49 +228,97 @@ def test_logic_register_runs_the_engine_and_sets_the_moving_parent_transform(log
     assert result.transformNode.GetAttribute("AutoRegister.Candidate") == other
     counts = (scene.GetNumberOfNodesByClass("vtkMRMLTransformNode"),
               scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))
-    again = logic.register(fixed, moving, table=table, fixedModality="T1", movingModality="T1",
-                           createOutputVolume=True, keepAllCandidates=True, timeout=300)
+    again = logic.register(fixed, moving, presets=["sitk-rigid", "sitk-affine"], fixedModality="T1",
+                           movingModality="T1", createOutputVolume=True, keepAllCandidates=True, timeout=300)
     assert (scene.GetNumberOfNodesByClass("vtkMRMLTransformNode"),
             scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")) == counts
     assert again.transformNode.GetID() == result.transformNode.GetID()
     assert again.outputVolume.GetID() == result.outputVolume.GetID()
     rows = logic.resultRows(again)
     assert len(rows) == 2 and all(len(r) == len(logic.RESULT_COLUMNS) for r in rows)
+    # The run folders hold the transform files until the result is cleaned up.
+    for r in (result, again):
+        assert Path(r.runFolder).is_dir()
+        r.cleanup()
+        assert not Path(r.runFolder).exists()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process tree check reads /proc")
-def test_cancel_stops_the_engine_and_its_workers_and_removes_the_temporary_folder(logic_module, case_nodes):
-    AutoRegister, slicer = logic_module
-    case, scene, fixed, moving, table = case_nodes
-    logic = AutoRegister.AutoRegisterLogic(scene=scene)
-    run = logic.start(fixed, moving, table=table, fixedModality="T1", movingModality="T1", jobs=2)
+def test_cancel_stops_the_engine_and_its_workers_and_removes_the_run_folder(slicer_module, case_nodes):
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    run = logic.start(fixed, moving, presets=["sitk-rigid", "sitk-affine"], fixedModality="T1",
+                      movingModality="T1", jobs=2)
+    engine = run.engine
     deadline = time.monotonic() + 60
-    while not any(e.get("event") == "start" for e in run.events) and time.monotonic() < deadline:
-        run.poll()
+    while not any(e.get("event") == "start" for e in engine.events) and time.monotonic() < deadline:
+        engine.poll()
         time.sleep(0.02)
-    assert run.isRunning(), "the engine ended before it could be cancelled"
-    tree = _descendants(run.process.pid) | {run.process.pid}
+    assert engine.is_running(), "the engine ended before it could be cancelled"
+    tree = _descendants(engine.launcher_pid) | {engine.launcher_pid}
     assert len(tree) >= 2  # the engine and at least one worker
 
-    run.cancel()
-    run.wait(timeout=30)
+    engine.cancel()  # what the Cancel button does: it returns at once
+    engine.wait(timeout=30)
     with pytest.raises(RuntimeError, match="cancelled"):
         logic.finish(run)
-    run.cleanup()
+    engine.cleanup()
     time.sleep(0.2)
     assert [pid for pid in tree if _alive(pid)] == []
-    assert not Path(run.workDir).exists()
+    assert not Path(engine.run_dir).exists()
     assert moving.GetParentTransformNode() is None  # the scene is untouched
 
 
-def test_engine_failure_is_reported_with_the_engines_message(logic_module, case_nodes, tmp_path):
-    AutoRegister, slicer = logic_module
-    case, scene, fixed, moving, table = case_nodes
-    logic = AutoRegister.AutoRegisterLogic(scene=scene)
+def test_engine_failure_is_reported_with_the_engines_message(slicer_module, case_nodes):
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
     with pytest.raises(RuntimeError, match="unknown preset"):
         logic.register(fixed, moving, presets=["no-such-preset"], fixedModality="T1", movingModality="T1",
-                       table=table, timeout=120)
+                       timeout=120)
     assert moving.GetParentTransformNode() is None
     with pytest.raises(ValueError, match="different"):
         logic.register(fixed, fixed)
+
+
+def test_inputs_removed_during_a_run_are_not_touched(slicer_module, case_nodes):
+    """M5: deleting the moving volume while the engine runs must not apply anything to a node that is gone."""
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    run = logic.start(fixed, moving, presets=["sitk-rigid"], fixedModality="T1", movingModality="T1")
+    scene.RemoveNode(moving)
+    run.engine.wait(timeout=300)
+    with pytest.raises(RuntimeError, match="removed"):
+        logic.finish(run)
+    run.engine.cleanup()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0
+
+
+def test_a_broken_user_table_does_not_hide_the_others(slicer_module, tmp_path, monkeypatch):
+    """M11: one invalid file in the user's tables folder is skipped; the built-in tables stay listed."""
+    monkeypatch.setenv("AUTOREGISTER_TABLES", str(tmp_path))
+    (tmp_path / "broken.json").write_text("{ not json")
+    names = slicer_module.AutoRegisterLogic().tableNames()
+    assert "T2_to_T1" in names and len(names) >= 6
+    presets = slicer_module.AutoRegisterLogic().tablePresetNames("Automatic", "T1", "T2")
+    assert presets
+
+
+def test_preset_overrides_and_scoring_window_reach_the_engines_table(slicer_module, case_nodes):
+    """Switched-off presets leave the table written for the engine; window 0 keeps the table's own."""
+    import json
+
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    table = logic.findTable("Automatic", "T1", "T1")
+    off = table.presets[0].name
+    for window, expected in ((None, table.scoring.window_voxels), (logic.scoringWindow(6), 7)):
+        run = logic.start(fixed, moving, fixedModality="T1", movingModality="T1", disabledPresets=[off],
+                          scoringWindowVoxels=window)
+        try:
+            written = json.loads((Path(run.engine.run_dir) / "table.json").read_text())
+        finally:
+            run.engine.cleanup()
+        names = [p if isinstance(p, str) else p["name"] for p in written["presets"]]
+        assert off not in names and names
+        assert written["scoring"]["window_voxels"] == expected
