@@ -138,6 +138,7 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = None
         self._fillingResults = False
         self._shownPresets = None
+        self._seenVolumes = {}
         self._installing = False
 
     def setup(self) -> None:
@@ -159,12 +160,6 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.resultsTable.connect("itemSelectionChanged()", self.onResultSelectionChanged)
-        # Connected before connectGui, so these run while the parameter node still holds the old node:
-        # a re-sync from the parameter node (scene load, enter) sets the node it already holds.
-        self.ui.fixedVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)",
-                                            lambda node: self.onVolumeSelected("fixed", node))
-        self.ui.movingVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)",
-                                             lambda node: self.onVolumeSelected("moving", node))
         self.ui.tableComboBox.connect("currentIndexChanged(int)", self.onTableChanged)
         self.ui.presetsListWidget.connect("itemChanged(QListWidgetItem*)", self.onPresetToggled)
 
@@ -223,6 +218,9 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._shownPresets = None
+        # What the node holds now was chosen before (a saved scene, a re-entered module): keep its modalities.
+        p = self._parameterNode
+        self._seenVolumes = {"fixed": p.fixedVolume, "moving": p.movingVolume} if p else {}
         if updateGui:
             self.updateGUIFromParameterNode()
 
@@ -233,9 +231,23 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ours connected to the widget would run first and read the old one)."""
         p = self._parameterNode
         if p:
+            self.guessModalitiesOfNewVolumes()
             self.selectTableInCombo(p.tableName)
             self.updatePresetList()
         self.updateButtons()
+
+    def guessModalitiesOfNewVolumes(self) -> None:
+        """Guess the modality of a volume the user just picked; a modality the user corrected stays.
+
+        Done here, after the node holds the new volume: a slot on the selector would run before the
+        connector's and its write would make the node push the old volume back into the selector."""
+        p = self._parameterNode
+        for role in ("fixed", "moving"):
+            node = getattr(p, f"{role}Volume")
+            if node is not self._seenVolumes.get(role):
+                self._seenVolumes[role] = node
+                if node is not None:
+                    setattr(p, f"{role}Modality", self.logic.guessModality(node))
 
     def updateButtons(self) -> None:
         """Register needs two different volumes, the required packages, and no run or install in progress."""
@@ -257,13 +269,6 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.registerButton.toolTip = _("Select two different volumes")
         else:
             self.ui.registerButton.toolTip = _("Race the presets and keep the best result")
-
-    def onVolumeSelected(self, role, node) -> None:
-        """Guess the modality when the user picks another volume (never when the node re-syncs its own)."""
-        p = self._parameterNode
-        if node is None or not p or node is getattr(p, f"{role}Volume"):
-            return
-        setattr(p, f"{role}Modality", self.logic.guessModality(node))
 
     def refreshTableList(self) -> None:
         """Fill the table combo: Automatic, then every table that loads (a broken user table is skipped)."""

@@ -29,38 +29,55 @@ def rigid_case4(icbm4):
 
 
 class _Inert(types.ModuleType):
-    """qt and ctk without a display: every attribute is a harmless class."""
+    """ctk without a display: every attribute is a harmless class."""
 
     def __getattr__(self, name):
         return type(name, (), {"__init__": lambda self, *a, **k: None})
 
 
+class _ModuleBase:
+    """What the module uses of Slicer's ScriptedLoadableModule* bases."""
+
+    def __init__(self, parent=None, *args, **kwargs):
+        self.parent = parent if parent is not None else types.SimpleNamespace(isEntered=True)
+        self.layout = types.SimpleNamespace(addWidget=lambda widget: None)
+
+    def setup(self):
+        """ScriptedLoadableModuleWidget.setup builds the reload buttons; nothing to do here."""
+
+    def resourcePath(self, relative):
+        return str(MODULE_DIR / "Resources" / relative)
+
+    def getParameterNode(self):
+        raise NotImplementedError("no parameter node without the Slicer application")
+
+    def getDefaultModuleDocumentationLink(self):
+        return ""
+
+    def delayDisplay(self, message, *args):
+        pass
+
+
 @pytest.fixture()
 def slicer_module(monkeypatch):
     """AutoRegister.py imported as Slicer would, with the real MRML of slicer-core and, for the parts
-    slicer-core lacks, stand-ins that keep Slicer's rules: `slicer.parameterNodeWrapper`'s validators come
-    from slicer_rules (tests bind the .ui through slicer_rules.connect_gui); qt, ctk and the
-    ScriptedLoadableModule bases are inert, so only the Logic and the Test helpers run."""
+    slicer-core lacks, stand-ins that keep Slicer's rules: `@parameterNodeWrapper` and its validators come
+    from slicer_rules (binding by Slicer's connector rules), qt from fake_qt (widgets built from the .ui),
+    ctk is inert and the ScriptedLoadableModule bases give only what the module uses."""
     pytest.importorskip("slicer")
+    import fake_qt
     import slicer_rules
 
-    class Base:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def getParameterNode(self):
-            raise NotImplementedError("no parameter node without the Slicer application")
-
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    slm.ScriptedLoadableModule = slm.ScriptedLoadableModuleWidget = slm.ScriptedLoadableModuleTest = Base
-    slm.ScriptedLoadableModuleLogic = Base
+    slm.ScriptedLoadableModule = slm.ScriptedLoadableModuleWidget = slm.ScriptedLoadableModuleTest = _ModuleBase
+    slm.ScriptedLoadableModuleLogic = _ModuleBase
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
-    pnw.parameterNodeWrapper = lambda cls: cls
+    pnw.parameterNodeWrapper = slicer_rules.parameter_node_wrapper
     pnw.Choice, pnw.WithinRange, pnw.Default = slicer_rules.Choice, slicer_rules.WithinRange, slicer_rules.Default
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
     i18n.translate = lambda context, text: text
-    for name, stand_in in {"qt": _Inert("qt"), "ctk": _Inert("ctk"), "slicer.ScriptedLoadableModule": slm,
+    for name, stand_in in {"qt": fake_qt.qt_module(), "ctk": _Inert("ctk"), "slicer.ScriptedLoadableModule": slm,
                            "slicer.parameterNodeWrapper": pnw, "slicer.i18n": i18n}.items():
         monkeypatch.setitem(sys.modules, name, stand_in)
     monkeypatch.syspath_prepend(str(MODULE_DIR))

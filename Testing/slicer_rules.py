@@ -123,12 +123,14 @@ def connector_for(widget_class: str, datatype):
 
 def parameter_types(cls) -> dict:
     """name -> possibly annotated type, as `_processClass` collects them."""
+    cls = getattr(cls, "rules_class", cls)
     return typing.get_type_hints(cls, include_extras=True)
 
 
 def defaults(cls) -> dict:
     """name -> default value (class attribute, `Default` annotation, or the type's own default)."""
     values = {}
+    cls = getattr(cls, "rules_class", cls)
     for name, datatype in parameter_types(cls).items():
         bare, annotations = split_annotations(datatype)
         if hasattr(cls, name):
@@ -175,3 +177,119 @@ def connect_gui(cls, ui_file) -> dict:
             raise ValueError(f"Unable to find value {values[name]} in choices {list(choices)}")
         connectors[name] = (connector, choices, _range)
     return connectors
+
+
+def parameter_node_wrapper(cls):
+    """A stand-in for `@parameterNodeWrapper` that behaves as Slicer's does where the module can tell:
+    defaults are validated when a node is made (`_initMethod`), every write is validated and fires the
+    node's ModifiedEvent, and `connectGui(ui)` binds by `connector_for` (raising where Slicer raises),
+    writes each value to its widget, refills a Choice combo from its choices, and connects the widget's
+    change signal after the module's own slots (guiConnectors.py `_connect`). A value written to the node
+    is written back to every bound widget (wrapper.py `_updateGUIFromParameterNode`), before the module's
+    observers run, since connectGui observes first."""
+    types_ = parameter_types(cls)
+    initial = defaults(cls)
+
+    class Wrapped:
+        __doc__ = cls.__doc__
+
+        def __init__(self, parameterNode=None):
+            object.__setattr__(self, "_values", {})
+            object.__setattr__(self, "_observers", {})
+            object.__setattr__(self, "_guis", {})
+            for name, value in initial.items():
+                validate(cls, name, value)
+                self._values[name] = value
+
+        def __getattr__(self, name):
+            values = object.__getattribute__(self, "_values")
+            if name in values:
+                return values[name]
+            raise AttributeError(name)
+
+        def __setattr__(self, name, value):
+            if name not in types_:
+                raise AttributeError(f"Cannot find a param with the given name: {name}")
+            validate(cls, name, value)
+            self._values[name] = value
+            self.Modified()
+
+        def Modified(self):
+            for callback in list(self._observers.values()):
+                callback(self, "ModifiedEvent")
+
+        def AddObserver(self, event, callback, priority=0.0):
+            tag = len(self._observers) + 1000 * len(self._guis) + 1
+            while tag in self._observers:
+                tag += 1
+            self._observers[tag] = callback
+            return tag
+
+        def RemoveObserver(self, tag):
+            self._observers.pop(tag, None)
+
+        def connectGui(self, ui):
+            bindings = {}
+            for widget in vars(ui).values():
+                name = widget.property("SlicerParameterName")
+                if not name:
+                    continue
+                if name not in types_:
+                    raise ValueError(f"Cannot find a param with the given name: {name}")
+                _, choices, within = connector_for(widget.className, types_[name])
+                bindings[name] = (widget, choices, within)
+            tag = len(self._guis) + 1
+            self._guis[tag] = bindings
+            for name, (widget, choices, within) in bindings.items():
+                if choices is not None:
+                    was = widget.blockSignals(True)
+                    widget.clear()
+                    widget.addItems([str(c) for c in choices])
+                    widget.blockSignals(was)
+                if within is not None:
+                    widget.setRange(within.minimum, within.maximum)
+                self._write(widget, choices, self._values[name])
+                signal, read = self._reader(widget, choices)
+                widget.connect(signal, lambda *args, _n=name, _read=read: self._from_gui(_n, _read()))
+            self.AddObserver("ModifiedEvent", lambda caller, event: self._to_gui())
+            return tag
+
+        def disconnectGui(self, tag):
+            self._guis.pop(tag, None)
+
+        def _from_gui(self, name, value):
+            if self._values.get(name) != value:
+                setattr(self, name, value)
+
+        def _to_gui(self):
+            for bindings in self._guis.values():
+                for name, (widget, choices, _) in bindings.items():
+                    self._write(widget, choices, self._values[name])
+
+        @staticmethod
+        def _write(widget, choices, value):
+            if choices is not None:
+                if value not in choices:
+                    raise ValueError(f"Unable to find value {value} in choices {list(choices)}")
+                widget.currentIndex = list(choices).index(value)
+            elif widget.className == "qMRMLNodeComboBox":
+                widget.setCurrentNode(value)
+            elif widget.className == "QCheckBox":
+                widget.checked = bool(value)
+            else:
+                widget.value = value
+
+        @staticmethod
+        def _reader(widget, choices):
+            if choices is not None:
+                return "currentIndexChanged(int)", lambda: choices[widget.currentIndex]
+            if widget.className == "qMRMLNodeComboBox":
+                return "currentNodeChanged(vtkMRMLNode*)", widget.currentNode
+            if widget.className == "QCheckBox":
+                return "stateChanged(int)", lambda: widget.checked
+            return "valueChanged(int)", lambda: widget.value
+
+    Wrapped.__name__ = Wrapped.__qualname__ = cls.__name__
+    Wrapped.__module__ = cls.__module__
+    Wrapped.rules_class = cls
+    return Wrapped

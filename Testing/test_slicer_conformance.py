@@ -12,7 +12,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -223,3 +225,35 @@ def test_engine_environment_drops_itk_autoload_path(slicer_module, monkeypatch):
     env = slicer_module.AutoRegisterLogic().engineEnvironment()
     assert "ITK_AUTOLOAD_PATH" not in env
     assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads a worker's environment from /proc")
+def test_workers_start_without_itk_autoload_path_even_when_the_launcher_sets_it(tmp_path):
+    """PythonSlicer's launcher applies Slicer's [EnvironmentVariables] again when the engine starts
+    (5.10:SuperBuild/python_configure_python_launcher.cmake:246-272), so the engine itself sees
+    ITK_AUTOLOAD_PATH whatever the module passes; the workers that load pip's ITK and ANTs must not."""
+    import SimpleITK as sitk
+
+    from AutoRegisterLib.engine import EngineRun
+
+    image = sitk.GaussianSource(sitk.sitkFloat32, [24] * 3, [4.0] * 3, [12.0] * 3, 100.0)
+    fixed, moving = tmp_path / "fixed.nrrd", tmp_path / "moving.nrrd"
+    sitk.WriteImage(image, str(fixed))
+    sitk.WriteImage(sitk.GaussianSource(sitk.sitkFloat32, [24] * 3, [4.0] * 3, [13.0, 12.0, 11.0], 100.0),
+                    str(moving))
+    launcher = ["env", "ITK_AUTOLOAD_PATH=/nowhere/ITKFactories", sys.executable]  # what the launcher does
+    run = EngineRun.start(tmp_path / "run", python=launcher, fixed_path=fixed, moving_path=moving,
+                          presets=["sitk-rigid"], fixed_modality="T1", moving_modality="T1")
+    try:
+        start = None
+        deadline = time.monotonic() + 120
+        while start is None and run.is_running() and time.monotonic() < deadline:
+            start = next((e for e in run.poll() if e.get("event") == "start"), None)
+            time.sleep(0.01)
+        assert start is not None, run.log[-5:]
+        engine_env = Path(f"/proc/{run.engine_pid}/environ").read_bytes().split(b"\0")
+        assert b"ITK_AUTOLOAD_PATH=/nowhere/ITKFactories" in engine_env  # the engine did inherit it
+        worker_env = Path(f"/proc/{start['pid']}/environ").read_bytes().split(b"\0")
+        assert not any(v.startswith(b"ITK_AUTOLOAD_PATH=") for v in worker_env)
+    finally:
+        run.cleanup()

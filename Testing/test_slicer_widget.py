@@ -1,0 +1,190 @@
+"""The module's panel, run without a display: setup() on widgets built from the .ui (fake_qt), the parameter
+node bound by Slicer's rules (slicer_rules), the real MRML of slicer-core and the real engine.
+
+Each test is a thing a user does with the panel; the review item it guards is named (review of the module
+against Slicer's source, ../shared/reviews/slicer-module.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+
+UI_FILE = Path(__file__).resolve().parent.parent / "AutoRegister" / "Resources" / "UI" / "AutoRegister.ui"
+
+
+@pytest.fixture()
+def panel(slicer_module, monkeypatch, tmp_path):
+    """The widget after setup(), with a phantom pair in the scene; error dialogs are recorded, not shown."""
+    import fake_qt
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: fake_qt.Widget("qMRMLWidget", "AutoRegister", {}))
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: fake_qt.widgets_from_ui(UI_FILE))
+    dialogs = []
+
+    @contextlib.contextmanager
+    def try_with_error_display(message, waitCursor=False, show=True):
+        try:
+            yield
+        except Exception as exc:
+            dialogs.append(f"{message} {exc}")
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display)
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: None)
+    node = slicer_module.AutoRegisterParameterNode()
+    monkeypatch.setattr(slicer_module.AutoRegisterLogic, "getParameterNode", lambda self: node)
+    monkeypatch.setenv("AUTOREGISTER_TABLES", str(tmp_path / "user tables"))
+    widget = slicer_module.AutoRegisterWidget()
+    widget.setup()
+    image = slicer_module.AutoRegisterTest.makeHeadPhantom(size=32, spacing=4.0)
+    fixed, moving, truth = slicer_module.AutoRegisterTest.makeCase(scene, image)
+    yield widget, fixed, moving, dialogs, image, truth
+    widget.cleanup()  # what Slicer does when the module is unloaded: no observer outlives the test
+
+
+def _pick(widget, fixed, moving):
+    """What a user does: pick the two volumes in the selectors."""
+    widget.ui.fixedVolumeSelector.setCurrentNode(fixed)
+    widget.ui.movingVolumeSelector.setCurrentNode(moving)
+
+
+def _run_to_end(widget, seconds=300):
+    """Drive the poll timer as Qt would, until the run ends."""
+    deadline = time.monotonic() + seconds
+    while widget._run is not None and time.monotonic() < deadline:
+        widget.onPollRun()
+        time.sleep(0.05)
+    assert widget._run is None, "the run did not end in time"
+
+
+def test_setup_binds_every_widget_and_register_waits_for_two_volumes(panel):
+    widget, fixed, moving, dialogs, _, _ = panel
+    assert widget.ui.fixedModalityComboBox.items[:2] == ["T1", "T2"]  # refilled from the Choice (B1)
+    assert widget.ui.deviceComboBox.items == ["auto", "cpu", "cuda"]
+    assert widget.ui.tableComboBox.items[0] == "Automatic" and "T2_to_T1" in widget.ui.tableComboBox.items
+    assert widget.ui.scoringWindowSpinBox.minimum == 0 and widget.ui.scoringWindowSpinBox.value == 0  # M10
+    assert not widget.ui.registerButton.enabled
+    _pick(widget, fixed, moving)
+    assert widget._parameterNode.fixedVolume is fixed and widget._parameterNode.movingVolume is moving
+    assert widget.ui.registerButton.enabled, widget.ui.registerButton.toolTip
+    assert dialogs == []
+
+
+def test_preset_list_follows_the_new_modality_not_the_old_one(panel):
+    """M4: the list must show the table of the pair the user just picked."""
+    widget, fixed, moving, dialogs, _, _ = panel
+    _pick(widget, fixed, moving)
+    combo = widget.ui.movingModalityComboBox
+    for modality in ("T2", "CT", "T1"):
+        combo.currentIndex = combo.findText(modality)  # the user's choice: the connector writes it
+        shown = [widget.ui.presetsListWidget.item(i).text() for i in range(widget.ui.presetsListWidget.count)]
+        assert shown == widget.logic.tablePresetNames("Automatic", "T1", modality), modality
+    widget.ui.tableComboBox.currentIndex = widget.ui.tableComboBox.findText("CT_to_T1")
+    assert widget._parameterNode.tableName == "CT_to_T1"
+    shown = [widget.ui.presetsListWidget.item(i).text() for i in range(widget.ui.presetsListWidget.count)]
+    assert shown == widget.logic.tablePresetNames("CT_to_T1", "T1", "T1")
+
+
+def test_a_corrected_modality_survives_a_resync(panel):
+    """M8: the guess runs when the user picks another volume, not when the node re-syncs the selectors."""
+    widget, fixed, moving, dialogs, _, _ = panel
+    _pick(widget, fixed, moving)
+    combo = widget.ui.movingModalityComboBox
+    combo.currentIndex = combo.findText("FLAIR")
+    widget.setParameterNode(widget._parameterNode)  # enter(), scene load: connectGui writes every widget
+    assert widget._parameterNode.movingModality == "FLAIR"
+    widget.ui.movingVolumeSelector.setCurrentNode(fixed)  # another node: guessed again
+    widget.ui.movingVolumeSelector.setCurrentNode(moving)
+    assert widget._parameterNode.movingModality == "MR"
+
+
+def test_register_is_disabled_without_torch_and_says_how_to_install_it(panel, monkeypatch):
+    """B3: a fresh Slicer has no torch."""
+    widget, fixed, moving, dialogs, _, _ = panel
+    _pick(widget, fixed, moving)
+    real = widget.logic.missingDependencies
+    monkeypatch.setattr(widget.logic, "missingDependencies",
+                        lambda requiredOnly=False: {"torch": "scoring", **({} if requiredOnly else real())})
+    widget.updateDependencyStatus()
+    assert not widget.ui.registerButton.enabled
+    assert "torch" in widget.ui.registerButton.toolTip and "Install dependencies" in widget.ui.registerButton.toolTip
+    assert widget.ui.dependenciesLabel.visible and "torch" in widget.ui.dependenciesLabel.text
+    assert widget.ui.installDependenciesButton.visible and widget.ui.installDependenciesButton.enabled
+
+
+@pytest.mark.slow
+def test_register_button_applies_the_winner_and_rows_without_a_transform_cannot_be_picked(panel, tmp_path):
+    widget, fixed, moving, dialogs, image, truth = panel
+    table = tmp_path / "two.json"
+    table.write_text('{"schema": "autoregister-table/1", "name": "two", "fixed_modality": "T1", '
+                     '"moving_modality": "T1", "presets": ["sitk-rigid", "no-such-backend-preset"]}')
+    _pick(widget, fixed, moving)
+    widget._parameterNode.tableName = "sitk.json"  # a name that is no table: the run fails with a dialog
+    widget.ui.registerButton.click()
+    assert widget._run is None and dialogs and "sitk.json" in dialogs[-1]
+    dialogs.clear()
+    table.write_text('{"schema": "autoregister-table/1", "name": "one", "fixed_modality": "T1", '
+                     '"moving_modality": "T1", "presets": ["sitk-rigid", "sitk-affine"]}')
+    widget._parameterNode.tableName = str(table)
+    assert widget.ui.tableComboBox.currentText == str(table)  # a table file is shown as an entry
+    widget.ui.registerButton.click()
+    assert widget._run is not None and not widget.ui.registerButton.enabled and widget.ui.cancelButton.enabled
+    _run_to_end(widget)
+    assert dialogs == []
+    result = widget._result
+    assert result.best is not None and moving.GetParentTransformNode() is result.transformNode
+    assert widget.ui.resultsTable.rowCount == 2
+    assert widget.ui.progressBar.value == 100 and "Best:" in widget.ui.statusLabel.text
+    assert slicer_module_test_error(widget, image, truth) < 1.0
+    other = next(c for c in result.candidates if c.name != result.best.name)
+    widget.ui.resultsTable.selectRow(result.candidates.index(other))
+    assert result.transformNode.GetAttribute("AutoRegister.Candidate") == other.name
+    assert widget.ui.registerButton.enabled and not widget.ui.cancelButton.enabled
+    widget.cleanup()
+    assert not Path(result.runFolder).exists()
+
+
+def slicer_module_test_error(widget, image, truth):
+    """The self-test's error measure on the panel's result."""
+    import AutoRegister
+
+    return AutoRegister.AutoRegisterTest().meanErrorMm(widget._result.transformNode, image, truth)
+
+
+@pytest.mark.slow
+def test_cancel_shows_no_dialog_changes_nothing_and_removes_the_run(panel):
+    """M7: a user's Cancel is not an error; M2/M3: the engine and its files go."""
+    widget, fixed, moving, dialogs, _, _ = panel
+    _pick(widget, fixed, moving)
+    widget._parameterNode.fixedModality = widget._parameterNode.movingModality = "T1"
+    widget.ui.registerButton.click()
+    run = widget._run
+    deadline = time.monotonic() + 120
+    while not any(e.get("event") == "start" for e in run.engine.events) and time.monotonic() < deadline:
+        widget.onPollRun()
+        time.sleep(0.02)
+    widget.ui.cancelButton.click()
+    assert widget.ui.statusLabel.text == "Cancelling..."
+    _run_to_end(widget, seconds=60)
+    assert dialogs == []
+    assert "Cancelled" in widget.ui.statusLabel.text and widget.ui.progressBar.value == 0
+    assert moving.GetParentTransformNode() is None
+    assert not Path(run.engine.run_dir).exists()
+    assert widget.ui.registerButton.enabled
+
+
+def test_closing_the_scene_cancels_a_run(panel):
+    """M5: a result must never land in a scene that was closed."""
+    widget, fixed, moving, dialogs, _, _ = panel
+    _pick(widget, fixed, moving)
+    widget.ui.registerButton.click()
+    run = widget._run
+    widget.onSceneStartClose(None, None)
+    assert widget._run is None and not Path(run.engine.run_dir).exists()
+    assert moving.GetParentTransformNode() is None and dialogs == []
