@@ -20,6 +20,7 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
+from AutoRegisterTesting import SelfTestSteps
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -483,35 +484,14 @@ class AutoRegisterResult:
     outputVolume: object = None
     candidateTransformNodes: dict = field(default_factory=dict)
 
-    @property
-    def candidates(self):
-        """Every candidate, in table order."""
-        return self.outputs.candidates
-
-    @property
-    def best(self):
-        """The winner, or None."""
-        return self.outputs.best
-
-    @property
-    def exitCode(self):
-        """The engine's exit code."""
-        return self.outputs.exit_code
-
-    @property
-    def summary(self):
-        """result.json as written by the engine."""
-        return self.outputs.summary
-
-    def candidate(self, name):
-        """The candidate called `name`."""
-        for c in self.candidates:
-            if c.name == name:
-                return c
-        raise KeyError(name)
+    def __getattr__(self, name):
+        """The library's outputs answer the rest: candidates, best, summary, exit_code, candidate(name)."""
+        if name == "outputs":
+            raise AttributeError(name)
+        return getattr(self.outputs, name)
 
     def transform(self, name):
-        """The SimpleITK transform of candidate `name`, read from its file."""
+        """The SimpleITK transform of candidate `name`, read from its file (only now: it can be large)."""
         return self.outputs.read_transform(name)
 
     def cleanup(self):
@@ -708,45 +688,23 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
               presets=None, disabledPresets=(), scoringWindowVoxels=None, jobs=None, timeoutSeconds=600,
               device="auto", keepAllCandidates=False, createOutputVolume=False):
         """Write the volumes into a new run folder and start the engine; returns an AutoRegisterRun."""
-        import json
-
         from AutoRegisterLib import mrml
-        from AutoRegisterLib.engine import EngineRun
-        from AutoRegisterLib.image import write_image
+        from AutoRegisterLib.background import start_registration
 
         if fixedVolume is None or movingVolume is None:
             raise ValueError(_("Select a fixed and a moving volume."))
         if fixedVolume == movingVolume:
             raise ValueError(_("The fixed and moving volumes must be different."))
-        if presets is not None and not isinstance(presets, str) and not all(isinstance(p, str) for p in presets):
-            raise TypeError("presets must be preset names")
-        fixedModality = fixedModality or self.guessModality(fixedVolume)
-        movingModality = movingModality or self.guessModality(movingVolume)
-        runFolder = self.temporaryFolder()
-        try:
-            # Fixed as the user sees it; moving in its own coordinates, because our result replaces its parent.
-            fixedPath = os.path.join(runFolder, "fixed.nrrd")
-            movingPath = os.path.join(runFolder, "moving.nrrd")
-            write_image(mrml.image_from_volume_node(fixedVolume, world=True), fixedPath, compress=False)
-            write_image(mrml.image_from_volume_node(movingVolume), movingPath, compress=False)
-            tablePath, tableName = None, "custom"
-            if not presets:
-                tableObject = self.findTable(table, fixedModality, movingModality).with_overrides(
-                    disabled=set(disabledPresets or ()), window_voxels=scoringWindowVoxels)
-                if not tableObject.presets:
-                    raise ValueError(_("Every preset is switched off."))
-                tablePath, tableName = os.path.join(runFolder, "table.json"), tableObject.name
-                with open(tablePath, "w") as f:
-                    json.dump(tableObject.to_dict(), f, indent=2)
-            engine = EngineRun.start(
-                runFolder, env=self.engineEnvironment(), fixed_path=fixedPath, moving_path=movingPath,
-                python=self.pythonExecutable(), table_path=tablePath, presets=presets,
-                fixed_modality=fixedModality, moving_modality=movingModality, timeout_s=float(timeoutSeconds),
-                device=device, jobs=jobs, keep_all=True)
-            logging.info(f"AutoRegister: {' '.join(engine.argv)}")
-        except BaseException:
-            shutil.rmtree(runFolder, ignore_errors=True)
-            raise
+        automatic = not table or table == AUTOMATIC_TABLE
+        # Fixed as the user sees it; moving in its own coordinates, because our result replaces its parent.
+        engine, tableName = start_registration(
+            self.temporaryFolder(), mrml.image_from_volume_node(fixedVolume, world=True),
+            mrml.image_from_volume_node(movingVolume), fixed_modality=fixedModality or self.guessModality(fixedVolume),
+            moving_modality=movingModality or self.guessModality(movingVolume), table=None if automatic else table,
+            presets=presets, disabled=disabledPresets, window_voxels=scoringWindowVoxels,
+            timeout_s=timeoutSeconds, device=device, jobs=jobs, python=self.pythonExecutable(),
+            env=self.engineEnvironment())
+        logging.info(f"AutoRegister: {' '.join(engine.argv)}")
         return AutoRegisterRun(engine, fixedVolume, movingVolume, tableName, keepAllCandidates, createOutputVolume)
 
     def register(self, fixedVolume, movingVolume, progress=None, timeout=None, **options):
@@ -898,9 +856,11 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
 #
 
 
-class AutoRegisterTest(ScriptedLoadableModuleTest):
+class AutoRegisterTest(ScriptedLoadableModuleTest, SelfTestSteps):
     """Runs inside Slicer (and from Testing/slicer_smoke.py): registers two small volumes it makes itself,
-    from the console API and from the button, and cancels a run."""
+    from the console API and from the button, and cancels a run (the steps: AutoRegisterTesting)."""
+
+    logicClass = AutoRegisterLogic
 
     def setUp(self):
         """Start from an empty scene with the dependencies in place."""
@@ -919,136 +879,3 @@ class AutoRegisterTest(ScriptedLoadableModuleTest):
             self.setUp()
             test()
 
-    @staticmethod
-    def makeHeadPhantom(size=48, spacing=4.0):
-        """A small asymmetric head-like volume (library Image, LPS): scalp, brain, a ventricle, a lesion, texture."""
-        import numpy as np
-
-        from AutoRegisterLib.image import Image
-
-        z, y, x = np.mgrid[0:size, 0:size, 0:size].astype(np.float32) / (size - 1) * 2 - 1
-        head = (x / 0.8) ** 2 + (y / 0.9) ** 2 + (z / 0.75) ** 2
-        volume = np.where(head < 1.0, 300.0, 0.0) + np.where(head < 0.8, 500.0, 0.0)
-        volume += np.where(((x - 0.15) / 0.12) ** 2 + (y / 0.35) ** 2 + ((z - 0.1) / 0.15) ** 2 < 1, -400, 0)
-        volume += np.where(((x + 0.35) / 0.15) ** 2 + ((y - 0.3) / 0.1) ** 2 + ((z + 0.2) / 0.2) ** 2 < 1, 300, 0)
-        # Texture at the scale of a few voxels, like gyri: a smooth ellipsoid alone pins no rotation down.
-        texture = np.random.default_rng(7).normal(size=volume.shape)
-        kernel = np.exp(-0.5 * (np.arange(-3, 4) / 1.2) ** 2)
-        for axis in range(3):
-            texture = np.apply_along_axis(lambda v: np.convolve(v, kernel / kernel.sum(), "same"), axis, texture)
-        volume += 400.0 * texture / texture.std() * (head < 0.8)
-        origin = (-(size - 1) * spacing / 2,) * 3
-        return Image(volume.astype(np.float32), (spacing,) * 3, origin)
-
-    @staticmethod
-    def knownTransform(image):
-        """A known rigid misalignment about the volume's centre (about 5 degrees and 7 mm)."""
-        import numpy as np
-        import SimpleITK as sitk
-
-        centre = image.physical_points(np.array([[(n - 1) / 2 for n in image.size]]))[0]
-        return sitk.Euler3DTransform(tuple(float(c) for c in centre), 0.06, -0.04, 0.08, (4.0, -3.0, 4.0))
-
-    @classmethod
-    def makeCase(cls, scene, fixedImage):
-        """Fixed and moving volume nodes; moving(x) = fixed(truth(x)), so the right answer is truth's inverse."""
-        from AutoRegisterLib import mrml
-        from AutoRegisterLib.image import resample_to_grid
-
-        truth = cls.knownTransform(fixedImage)
-        fixed = mrml.volume_node_from_image(fixedImage, scene, "AutoRegister test fixed")
-        moving = mrml.volume_node_from_image(resample_to_grid(fixedImage, fixedImage, truth), scene,
-                                             "AutoRegister test moving")
-        return fixed, moving, truth
-
-    def meanErrorMm(self, transformNode, fixedImage, truth):
-        """Mean |truth(T(p)) - p| over points inside the fixed volume, T being the node's fixed->moving map."""
-        import numpy as np
-
-        from AutoRegisterLib import mrml
-
-        rng = np.random.default_rng(0)
-        points = fixedImage.physical_points(rng.uniform(0.25, 0.75, size=(200, 3)) * np.array(fixedImage.size))
-        errors = []
-        for p in points:
-            mapped = mrml.LPS_FROM_RAS @ mrml.transform_point_ras(transformNode, mrml.LPS_FROM_RAS @ p)
-            errors.append(np.linalg.norm(np.array(truth.TransformPoint(tuple(float(v) for v in mapped))) - p))
-        return float(np.mean(errors))
-
-    def test_register_recovers_a_known_rigid_misalignment(self):
-        """Console API: the result's transform node is the moving parent and matches the truth."""
-        self.delayDisplay("Registering a phantom to a moved copy")
-        fixedImage = self.makeHeadPhantom()
-        fixed, moving, truth = self.makeCase(slicer.mrmlScene, fixedImage)
-        before = moving.GetImageData().GetScalarRange()
-        logic = AutoRegisterLogic()
-        result = logic.register(fixed, moving, presets=["sitk-rigid", "sitk-affine"], createOutputVolume=True,
-                                fixedModality="T1", movingModality="T1", timeout=600)
-        self.assertIsNotNone(result.best)
-        self.assertEqual(len(result.candidates), 2)
-        self.assertEqual(moving.GetParentTransformNode(), result.transformNode)
-        self.assertEqual(moving.GetImageData().GetScalarRange(), before)  # input voxels untouched
-        self.assertLess(self.meanErrorMm(result.transformNode, fixedImage, truth), 1.0)
-        # Running again replaces our nodes instead of adding more.
-        transforms = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTransformNode")
-        again = logic.register(fixed, moving, presets=["sitk-rigid"], createOutputVolume=True,
-                               fixedModality="T1", movingModality="T1", timeout=600)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTransformNode"), transforms)
-        self.assertEqual(again.outputVolume.GetID(), result.outputVolume.GetID())
-        result.cleanup()
-        again.cleanup()
-        self.delayDisplay("Console registration passed")
-
-    def _widgetWithCase(self):
-        """The module's widget bound to a fresh phantom case and a one-preset table file."""
-        import json
-
-        fixedImage = self.makeHeadPhantom()
-        fixed, moving, truth = self.makeCase(slicer.mrmlScene, fixedImage)
-        slicer.util.selectModule("AutoRegister")
-        widget = slicer.modules.AutoRegisterWidget
-        table = os.path.join(tempfile.mkdtemp(prefix="AutoRegisterTest-"), "sitk-rigid.json")
-        with open(table, "w") as f:
-            json.dump({"schema": "autoregister-table/1", "name": "self-test", "fixed_modality": "T1",
-                       "moving_modality": "T1", "presets": ["sitk-rigid"]}, f)
-        p = widget._parameterNode
-        p.fixedVolume, p.movingVolume = fixed, moving
-        p.fixedModality = p.movingModality = "T1"
-        p.tableName = table
-        return widget, fixed, moving, truth, fixedImage
-
-    def _waitWhileRunning(self, widget, seconds):
-        deadline = time.monotonic() + seconds
-        while widget._run is not None and time.monotonic() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.05)
-        self.assertIsNone(widget._run, "the run did not end in time")
-
-    def test_register_button_runs_in_the_background(self):
-        """GUI: the button starts the engine, Slicer keeps processing events, the table fills."""
-        widget, fixed, moving, truth, fixedImage = self._widgetWithCase()
-        self.assertTrue(widget.ui.registerButton.enabled, widget.ui.registerButton.toolTip)
-        widget.ui.registerButton.click()
-        self._waitWhileRunning(widget, 600)
-        self.assertIsNotNone(widget._result, widget.ui.statusLabel.text)
-        self.assertGreater(widget.ui.resultsTable.rowCount, 0)
-        self.assertEqual(moving.GetParentTransformNode(), widget._result.transformNode)
-        self.assertLess(self.meanErrorMm(widget._result.transformNode, fixedImage, truth), 1.0)
-        self.delayDisplay("Register button passed")
-
-    def test_cancel_leaves_the_scene_alone(self):
-        """GUI: Cancel during a run ends it without a dialog, applies nothing and removes its files."""
-        widget, fixed, moving, truth, fixedImage = self._widgetWithCase()
-        widget.ui.registerButton.click()
-        run = widget._run
-        self.assertIsNotNone(run)
-        deadline = time.monotonic() + 120
-        while not any(e.get("event") == "hello" for e in run.engine.events) and time.monotonic() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.05)
-        widget.ui.cancelButton.click()
-        self._waitWhileRunning(widget, 60)
-        self.assertIsNone(moving.GetParentTransformNode())
-        self.assertFalse(os.path.exists(run.engine.run_dir))
-        self.assertIn("Cancelled", widget.ui.statusLabel.text)
-        self.delayDisplay("Cancel passed")

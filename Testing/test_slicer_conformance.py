@@ -26,7 +26,7 @@ MODULE_DIR = ROOT / "AutoRegister"
 SCRIPT = MODULE_DIR / "AutoRegister.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "AutoRegister.ui"
 #: Everything the extension ships and Slicer's interpreter runs: the module and the library.
-SHIPPED = sorted([SCRIPT, *(ROOT / "AutoRegisterLib").rglob("*.py")])
+SHIPPED = sorted([*MODULE_DIR.rglob("*.py"), *(ROOT / "AutoRegisterLib").rglob("*.py")])
 
 
 # --- parameter node <-> .ui (Slicer: parameterNodeWrapper/wrapper.py, guiConnectors.py) -------------------
