@@ -7,20 +7,18 @@ geometry live in AutoRegisterLib, the node conversions in AutoRegisterLib.mrml, 
 (torch, ANTs, elastix) never touches Slicer's own interpreter.
 """
 
-import importlib.util
 import logging
 import os
 import shutil
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Annotated
 
 import qt
 import slicer
 import vtk
-from AutoRegisterTesting import SelfTestSteps
+from AutoRegisterSlicerLib import dependencies, environment
+from AutoRegisterSlicerLib.selftest import SelfTestSteps
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -59,13 +57,6 @@ from AutoRegisterLib.events import DEVICES  # noqa: E402
 from AutoRegisterLib.modality import MODALITIES  # noqa: E402
 
 AUTOMATIC_TABLE = "Automatic"
-#: pip name -> (import name, what it enables, required for every run).
-DEPENDENCIES = {
-    "torch": ("torch", "scoring", True),
-    "matplotlib": ("matplotlib", "the report image", False),
-    "antspyx": ("ants", "the ANTs presets", False),
-    "itk-elastix": ("itk", "the elastix presets (unless SlicerElastix is installed)", False),
-}
 
 
 #
@@ -577,110 +568,23 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
             createOutputVolume=p.createOutputVolume,
         )
 
-    # --- dependencies -------------------------------------------------------------------------
+    # --- dependencies and the engine's environment (AutoRegisterSlicerLib) ---------------------
 
     def missingDependencies(self, requiredOnly=False):
         """pip name -> what is lost, for each package the engine would import but cannot find."""
-        missing = {}
-        for pip, (module, purpose, required) in DEPENDENCIES.items():
-            if requiredOnly and not required:
-                continue
-            if importlib.util.find_spec(module) is None:
-                if pip == "itk-elastix" and self.elastixExecutable():
-                    continue
-                missing[pip] = purpose
-        return missing
+        return dependencies.missing(requiredOnly, elastixExecutable=self.elastixExecutable())
 
     def installDependencies(self, packages=None):
-        """Install packages: torch through the PyTorch extension, the rest by pip with Slicer's numpy,
-        scipy and SimpleITK pinned so they are not replaced."""
-        packages = list(packages or self.missingDependencies())
-        if "torch" in packages:
-            packages.remove("torch")
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise RuntimeError(_("PyTorch is installed by the PyTorch extension: install it from the "
-                                     "Extensions Manager, restart Slicer, then try again.")) from None
-            # The PyTorch extension picks the wheel that matches the GPU (plain pip would pull CUDA on Linux).
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                             torchVersionRequirement=">=2.1") is None:
-                raise RuntimeError(_("PyTorch could not be installed."))
-        if packages:
-            import importlib.metadata
-
-            pins = []
-            for name in ("numpy", "scipy", "SimpleITK"):
-                try:
-                    pins.append(f"{name}=={importlib.metadata.version(name)}")
-                except importlib.metadata.PackageNotFoundError:
-                    pass
-            with tempfile.TemporaryDirectory() as folder:
-                constraints = os.path.join(folder, "constraints.txt")
-                with open(constraints, "w") as f:
-                    f.write("\n".join(pins) + "\n")
-                slicer.util.pip_install(packages + ["--constraint", constraints])
-        return packages
-
-    # --- tools that Slicer already has ----------------------------------------------------------
-
-    def brainsfitExecutable(self):
-        """Path of Slicer's BRAINSFit CLI, or None outside Slicer."""
-        try:
-            return slicer.modules.brainsfit.path
-        except AttributeError:
-            return None
-
-    def elastixLogic(self):
-        """SlicerElastix's logic when that extension is installed and its elastix exists, else None."""
-        try:
-            import Elastix
-
-            logic = Elastix.ElastixLogic()
-            return logic if os.path.isfile(os.path.join(logic.getElastixBinDir(), logic.elastixFilename)) else None
-        except Exception:
-            return None
+        """Install packages: torch through the PyTorch extension, the rest by pip, Slicer's own pinned."""
+        return dependencies.install(list(packages or self.missingDependencies()))
 
     def elastixExecutable(self):
         """Path of SlicerElastix's elastix executable, or None."""
-        logic = self.elastixLogic()
-        return os.path.join(logic.getElastixBinDir(), logic.elastixFilename) if logic else None
+        return environment.elastixExecutable()
 
     def engineEnvironment(self):
         """Environment of the engine: Slicer's startup environment, SlicerElastix's, our library first."""
-        try:
-            env = dict(slicer.util.startupEnvironment())
-        except Exception:  # outside the Slicer application
-            env = dict(os.environ)
-        elastix = self.elastixLogic()
-        if elastix is not None:
-            try:  # elastix finds its own libraries as SlicerElastix runs it (Elastix.py getElastixEnv)
-                for name, value in elastix.getElastixEnv().items():
-                    if name.upper() in ("PATH", "LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH"):
-                        env[name] = value
-            except Exception as exc:
-                logging.warning(f"AutoRegister: SlicerElastix environment not used: {exc}")
-            env["AUTOREGISTER_ELASTIX"] = self.elastixExecutable()
-        if self.brainsfitExecutable():
-            env["AUTOREGISTER_BRAINSFIT"] = self.brainsfitExecutable()
-        # Slicer clears it for its own CLIs: pip's ITK would load Slicer's ITK factories.
-        env.pop("ITK_AUTOLOAD_PATH", None)
-        env["PYTHONPATH"] = os.pathsep.join([libraryRoot()] + [p for p in [env.get("PYTHONPATH")] if p])
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
-
-    def pythonExecutable(self):
-        """PythonSlicer inside Slicer (it sets up Slicer's libraries), else this interpreter."""
-        return shutil.which("PythonSlicer") or sys.executable
-
-    def temporaryFolder(self):
-        """A new run folder under Slicer's temporary path."""
-        try:
-            base = os.path.join(slicer.app.temporaryPath, "AutoRegister")
-        except AttributeError:
-            base = os.path.join(tempfile.gettempdir(), "AutoRegister")
-        os.makedirs(base, exist_ok=True)
-        return tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base)
+        return environment.engineEnvironment(libraryRoot())
 
     # --- running ------------------------------------------------------------------------------
 
@@ -698,11 +602,11 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
         automatic = not table or table == AUTOMATIC_TABLE
         # Fixed as the user sees it; moving in its own coordinates, because our result replaces its parent.
         engine, tableName = start_registration(
-            self.temporaryFolder(), mrml.image_from_volume_node(fixedVolume, world=True),
+            environment.temporaryFolder(), mrml.image_from_volume_node(fixedVolume, world=True),
             mrml.image_from_volume_node(movingVolume), fixed_modality=fixedModality or self.guessModality(fixedVolume),
             moving_modality=movingModality or self.guessModality(movingVolume), table=None if automatic else table,
             presets=presets, disabled=disabledPresets, window_voxels=scoringWindowVoxels,
-            timeout_s=timeoutSeconds, device=device, jobs=jobs, python=self.pythonExecutable(),
+            timeout_s=timeoutSeconds, device=device, jobs=jobs, python=environment.pythonExecutable(),
             env=self.engineEnvironment())
         logging.info(f"AutoRegister: {' '.join(engine.argv)}")
         return AutoRegisterRun(engine, fixedVolume, movingVolume, tableName, keepAllCandidates, createOutputVolume)
@@ -858,7 +762,7 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
 
 class AutoRegisterTest(ScriptedLoadableModuleTest, SelfTestSteps):
     """Runs inside Slicer (and from Testing/slicer_smoke.py): registers two small volumes it makes itself,
-    from the console API and from the button, and cancels a run (the steps: AutoRegisterTesting)."""
+    from the console API and from the button, and cancels a run (the steps: AutoRegisterSlicerLib.selftest)."""
 
     logicClass = AutoRegisterLogic
 

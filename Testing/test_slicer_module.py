@@ -87,7 +87,7 @@ def test_parameter_names_in_the_ui_are_fields_of_the_parameter_node():
 
 def test_top_level_imports_are_only_what_slicer_bundles():
     top = imported_roots(module_tree().body)
-    foreign = {name for name in top if name not in SLICER_BUNDLED | {"AutoRegisterLib", "AutoRegisterTesting"}
+    foreign = {name for name in top if name not in SLICER_BUNDLED | {"AutoRegisterLib", "AutoRegisterSlicerLib"}
                and name not in sys.stdlib_module_names}
     assert foreign == set(), f"import these inside functions: {foreign}"
     # The module is imported when Slicer starts: at the top it takes only the library's light vocabulary.
