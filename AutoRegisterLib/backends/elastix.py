@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, InputError
 from ..image import Image, to_itk, write_image
+from . import base
 from .base import Backend, Preset, check_params, field_transform_from_image, set_threads
 
 DEFAULTS = {
@@ -70,10 +71,7 @@ ENV_EXECUTABLE = "AUTOREGISTER_ELASTIX"
 
 def find_executable(explicit: str = "") -> str | None:
     """The elastix executable to use: explicit path, $AUTOREGISTER_ELASTIX, `elastix` on PATH, or None."""
-    for candidate in (explicit, os.environ.get(ENV_EXECUTABLE, "")):
-        if candidate:
-            return candidate
-    return shutil.which("elastix")
+    return base.find_executable(explicit, ENV_EXECUTABLE, "elastix")
 
 
 def itk_elastix_installed() -> bool:
