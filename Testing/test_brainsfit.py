@@ -21,7 +21,14 @@ import SimpleITK as sitk
 
 from AutoRegisterLib.backends import Preset, get_backend
 from AutoRegisterLib.backends import brainsfit as bf
-from AutoRegisterLib.data import Case, initial_error_mm, load_icbm, make_case, point_error_mm, random_misalignment
+from AutoRegisterLib.data import (
+    Case,
+    initial_error_mm,
+    load_icbm,
+    make_case,
+    point_error_mm,
+    random_misalignment,
+)
 from AutoRegisterLib.errors import BackendUnavailable
 from AutoRegisterLib.image import Image, resample_to_grid, to_sitk
 from AutoRegisterLib.pipeline import auto_register
