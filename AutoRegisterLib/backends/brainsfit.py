@@ -3,9 +3,9 @@
 The executable is ``params.executable`` (inside Slicer, the path of its BRAINSFit CLI module), else
 the environment variable AUTOREGISTER_BRAINSFIT, else ``BRAINSFit`` on PATH. It runs as a subprocess
 with an argument list (never a shell), in the worker's process group (so a timeout or Cancel kills it
-with the worker), and without ITK_AUTOLOAD_PATH (ITK plugins built for another ITK crash it; Slicer
-clears it for its CLIs too). BRAINSFit registers 3D images only: a 2D pair makes its presets
-`unavailable`.
+with the worker), and without ITK_AUTOLOAD_PATH (ITK loads every plugin on it, and plugins built for
+another ITK can crash it; Slicer clears it for its CLIs too). A 2D pair makes its presets `unavailable`:
+BRAINSFit reads a 2D image as a one-slice volume and estimates a 3D transform.
 
 BRAINSFit writes its result as an ITK transform file in ITK's resampling convention (fixed points ->
 moving points, LPS), read back with SimpleITK: linear results become an AffineTransform; a B-spline run
