@@ -3,7 +3,7 @@
 Every preset runs on every image pair, one task per (pair, preset), each an ordinary
 ``auto_register(..., presets=[name])`` call. Runs are scored like the Register button scores them and,
 when the cohort has label images, judged by the Dice of the warped moving labels against the fixed
-labels. One table per modality pair is written in the schema of ``Resources/Presets/tables/*.json``:
+labels. One table per modality pair is written in the schema of ``AutoRegisterLib/resources/presets/tables/*.json``:
 presets ranked by mean Dice (else mean score; a failed run counts as 0), the racing schedule, the
 scoring settings, and the evidence behind the ranking.
 

@@ -9,6 +9,7 @@ backends.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +17,6 @@ import numpy as np
 
 from ..errors import BackendUnavailable, InputError
 from ..image import Image, resample_to_grid
-
-# The transform helpers live in ../transforms.py; backends/brainsfit.py still imports them from here.
-from ..transforms import as_affine, dense_field, field_transform_from_image  # noqa: F401
 
 TRANSFORM_TYPES = ("rigid", "affine", "deformable")
 
@@ -159,6 +157,14 @@ def same_length(preset: Preset, params: dict, *keys: str) -> None:
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"params.{k} has {n}" for k, n in lengths.items())
         raise InputError(f"preset {preset.name!r}: one entry per resolution level is needed ({detail})")
+
+
+def find_executable(explicit: str, env_var: str, program: str) -> str | None:
+    """The executable to run: an explicit path, else $`env_var`, else `program` on PATH, else None."""
+    for candidate in (explicit, os.environ.get(env_var, "")):
+        if candidate:
+            return candidate
+    return shutil.which(program)
 
 
 def set_threads(threads: int) -> int:

@@ -41,6 +41,7 @@ import numpy as np
 from ..errors import BackendUnavailable, InputError
 from ..image import Image, to_itk, write_image
 from ..transforms import affine_from_field, field_transform_from_image
+from . import base
 from .base import Backend, Preset, check_params, set_threads
 
 DEFAULTS = {
@@ -71,10 +72,7 @@ ENV_EXECUTABLE = "AUTOREGISTER_ELASTIX"
 
 def find_executable(explicit: str = "") -> str | None:
     """The elastix executable to use: explicit path, $AUTOREGISTER_ELASTIX, `elastix` on PATH, or None."""
-    for candidate in (explicit, os.environ.get(ENV_EXECUTABLE, "")):
-        if candidate:
-            return candidate
-    return shutil.which("elastix")
+    return base.find_executable(explicit, ENV_EXECUTABLE, "elastix")
 
 
 def itk_elastix_installed() -> bool:
