@@ -368,6 +368,7 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """End a running registration now and remove its files (module closed, scene closed)."""
         if self._run is not None:
             self._pollTimer.stop()
+            self._run.engine.terminate(grace_s=2.0)  # Slicer waits on this: a short grace, then the kill
             self._run.engine.cleanup()
             self._run = None
             self.updateButtons()
@@ -397,6 +398,8 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._result = self.logic.finish(run)
                 self.showResult(self._result)
                 self.logic.showInViews(self._result)
+            if self._result is None:
+                run.engine.cleanup()  # nothing to apply later: its files go now
         self.updateButtons()
 
     def showResult(self, result) -> None:

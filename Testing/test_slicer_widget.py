@@ -129,6 +129,14 @@ def test_register_button_applies_the_winner_and_rows_without_a_transform_cannot_
     widget.ui.registerButton.click()
     assert widget._run is None and dialogs and "sitk.json" in dialogs[-1]
     dialogs.clear()
+    widget._parameterNode.tableName = "Automatic"
+    widget.ui.registerButton.click()
+    failing = widget._run
+    failing.engine.process.kill()  # the engine dies: one dialog, and its run folder is removed
+    _run_to_end(widget, seconds=60)
+    assert len(dialogs) == 1 and "engine failed" in dialogs[0] and not Path(failing.engine.run_dir).exists()
+    assert widget._result is None and moving.GetParentTransformNode() is None
+    dialogs.clear()
     table.write_text('{"schema": "autoregister-table/1", "name": "one", "fixed_modality": "T1", '
                      '"moving_modality": "T1", "presets": ["sitk-rigid", "sitk-affine"]}')
     widget._parameterNode.tableName = str(table)
