@@ -26,7 +26,7 @@ from .errors import Cancelled, InputError
 from .events import DEVICES, is_cancelled
 from .image import Image, as_image, write_image
 from .modality import modality_or_guess
-from .presets import Table, table_from_presets
+from .presets import RacingSchedule, Table, table_from_presets
 from .presets import resolve_table as presets_resolve_table
 from .scoring import ScoringSettings
 
@@ -532,12 +532,7 @@ def _ranked(cands: list[Candidate], settings: ScoringSettings) -> list[Candidate
     return ranked
 
 
-def _coarse_raced(presets: list[Preset], racing: dict) -> list[Preset]:
-    """The presets that race the coarse round: all but those the schedule runs at full resolution only."""
-    return [p for p in presets if p.name not in racing.get("full_resolution", ())]
-
-
-def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], racing: dict, fixed_modality: str,
+def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], racing: RacingSchedule, fixed_modality: str,
                          tmp: Path, progress) -> None:
     """Every preset on images shrunk by ``coarse_shrink``; the best ``keep`` of them again at full resolution.
 
@@ -551,8 +546,8 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], ra
     """
     from .image import shrink
 
-    factor, keep = racing["coarse_shrink"], racing["keep"]
-    raced = _coarse_raced(presets, racing)
+    factor, keep = racing.coarse_shrink, racing.keep
+    raced = racing.raced(presets)
     direct = [p for p in presets if p not in raced]
     coarse_results = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in raced}
     coarse = _Round(shrink(full.fixed, factor), shrink(full.moving, factor), fixed_modality, full.settings,
@@ -635,7 +630,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
             candidates[p.name].status, candidates[p.name].error = "unavailable", reason
     jobs = max(1, min(int(jobs or ncores), max(1, len(runnable))))
     racing = chosen.racing
-    if racing and len(_coarse_raced(runnable, racing)) <= racing["keep"]:
+    if racing and len(racing.raced(runnable)) <= racing.keep:
         racing = None  # every raced preset would be kept: a coarse round would only add time
     if is_cancelled(cancel):
         raise Cancelled("registration cancelled")
@@ -670,7 +665,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         fixed_modality=fixed_modality, moving_modality=moving_modality, table=chosen,
         inputs={"fixed": str(fixed) if isinstance(fixed, (str, os.PathLike)) else type(fixed).__name__,
                 "moving": str(moving) if isinstance(moving, (str, os.PathLike)) else type(moving).__name__,
-                "device": setup.device or device, "jobs": jobs, "racing": racing},
+                "device": setup.device or device, "jobs": jobs, "racing": racing.to_dict() if racing else None},
         scorer_setup_seconds=setup.seconds,
     )
     result.wall_seconds = time.perf_counter() - wall_start

@@ -29,11 +29,12 @@ from .cli_common import Parser, ProgressBar
 from .errors import Cancelled, InputError
 from .events import ExitCode
 from .events import is_cancelled as _is_cancelled
+from .presets import RacingSchedule
 
 REQUIRED_COLUMNS = ("fixed", "moving", "fixed_modality", "moving_modality")
 OPTIONAL_COLUMNS = ("fixed_labels", "moving_labels")
 #: Racing schedule written into learned tables that race more presets than they keep.
-DEFAULT_RACING = {"coarse_shrink": 2, "keep": 2}
+DEFAULT_RACING = RacingSchedule(coarse_shrink=2, keep=2)
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,7 @@ def build_table(fixed_modality: str, moving_modality: str, records: list[dict], 
     if top:
         kept = kept[:top]
     base = base_table(fixed_modality, moving_modality)
-    racing = dict(DEFAULT_RACING) if len(kept) > DEFAULT_RACING["keep"] else None
+    racing = DEFAULT_RACING if len(kept) > DEFAULT_RACING.keep else None
     pairs = len({r["pair"] for r in records})
     agreement = selection_agreement(records)
     best = rows[0]
