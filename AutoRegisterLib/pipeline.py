@@ -26,8 +26,9 @@ from .errors import Cancelled, InputError
 from .events import DEVICES, is_cancelled
 from .image import Image, as_image, write_image
 from .modality import modality_or_guess
-from .presets import RacingSchedule, Table, table_from_presets
+from .presets import RacingSchedule, table_from_presets
 from .presets import resolve_table as presets_resolve_table
+from .results import Candidate, RegistrationResult
 from .scoring import ScoringSettings
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -37,84 +38,6 @@ EXPECTED_COST = {"rigid": 1.0, "affine": 1.5, "deformable": 6.0}
 TOOLKIT_LOAD_S = {"elastix": 11.0, "ants": 2.0}
 #: A toolkit that loads faster than this is loaded by any idle worker: waiting for its holder rarely pays.
 CHEAP_LOAD_S = 5.0
-
-
-@dataclass
-class Candidate:
-    """One preset's outcome: status, timings, every measure, and its transform when it succeeded."""
-
-    name: str
-    backend: str
-    transform_type: str
-    status: str = "pending"  # ok | failed | timeout | unavailable | disqualified | eliminated
-    score: float | None = None
-    lncc: float | None = None
-    zncc: float | None = None
-    zncc_local: float | None = None
-    mi: float | None = None
-    coverage: float | None = None
-    folding_fraction: float | None = None
-    min_jacobian: float | None = None
-    seconds: float | None = None
-    score_seconds: float | None = None
-    error: str | None = None
-    transform: object = field(default=None, repr=False)
-    warped: Image | None = field(default=None, repr=False)
-    transform_path: str | None = None
-
-    def to_dict(self) -> dict:
-        """The JSON form written to result.json."""
-        keys = ("name", "backend", "transform_type", "status", "score", "lncc", "zncc", "zncc_local", "mi",
-                "coverage", "folding_fraction", "min_jacobian", "seconds", "score_seconds", "error")
-        d = {k: getattr(self, k) for k in keys}
-        d["transform"] = self.transform_path
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Candidate:
-        """A candidate read back from result.json: every measure and `transform_path`, no transform loaded."""
-        names = set(cls.__dataclass_fields__) - {"transform", "warped", "transform_path"}
-        return cls(**{k: v for k, v in d.items() if k in names}, transform_path=d.get("transform"))
-
-
-@dataclass
-class RegistrationResult:
-    """Every candidate, the winner (or None), and the settings that produced them."""
-
-    candidates: list[Candidate]
-    best: Candidate | None
-    fixed: Image
-    moving: Image
-    fixed_modality: str
-    moving_modality: str
-    table: Table
-    wall_seconds: float = 0.0
-    inputs: dict = field(default_factory=dict)
-    #: Loading the scorer (torch, kernels) and the head masks, on a thread beside the workers.
-    scorer_setup_seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        """The JSON form written to result.json."""
-        from . import __version__
-
-        versions = {"autoregister": __version__, "python": sys.version.split()[0]}
-        for mod in ("numpy", "SimpleITK", "torch", "ants", "itk"):
-            m = sys.modules.get(mod)
-            if m is not None:
-                versions[mod] = getattr(m, "__version__", None) or getattr(m, "Version", lambda: None)()
-        return {
-            "best": self.best.name if self.best else None,
-            "candidates": [c.to_dict() for c in self.candidates],
-            "inputs": self.inputs,
-            "fixed_modality": self.fixed_modality,
-            "moving_modality": self.moving_modality,
-            "table": {"name": self.table.name, "source": self.table.source,
-                      "presets": [p.name for p in self.table.presets]},
-            "scoring": self.table.scoring.to_dict(),
-            "wall_seconds": self.wall_seconds,
-            "scorer_setup_seconds": self.scorer_setup_seconds,
-            "versions": versions,
-        }
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
