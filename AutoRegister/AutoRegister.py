@@ -467,7 +467,7 @@ class AutoRegisterResult:
     Transforms are read from the run folder only when a candidate is applied, and the folder is removed by
     cleanup() (the widget does so when the next run starts or the module closes)."""
 
-    outputs: object  # AutoRegisterLib.engine.EngineOutputs
+    outputs: object  # AutoRegisterLib.results.EngineOutputs (EngineRun.outputs())
     fixedVolume: object
     movingVolume: object
     tableName: str

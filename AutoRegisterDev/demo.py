@@ -16,10 +16,10 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     """Run the demo and print its checks; return 0 when a result was kept, 3 when no preset succeeded."""
-    from AutoRegisterLib.cli import ProgressBar
+    from AutoRegisterLib.cli_common import ProgressBar
     from AutoRegisterLib.image import write_image
     from AutoRegisterLib.pipeline import auto_register
-    from AutoRegisterLib.report import format_table
+    from AutoRegisterLib.report import format_table, write_outputs
     from AutoRegisterLib.scoring import head_mask
 
     from .data import initial_error_mm, label_dice, load_icbm, make_case, point_error_mm
@@ -47,8 +47,9 @@ def main(argv=None) -> int:
 
     bar = ProgressBar()
     result = auto_register(fixed_path, moving_path, fixed_modality="T1", moving_modality="T2", jobs=args.jobs,
-                           keep_all=True, out_dir=out / "registration", progress=bar)
+                           progress=bar)
     bar.close()
+    write_outputs(result, out / "registration", keep_all=True)
 
     truth = {}
     for c in result.candidates:

@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "auto_register": ("pipeline", "auto_register"),
-    "RegistrationResult": ("pipeline", "RegistrationResult"),
-    "Candidate": ("pipeline", "Candidate"),
+    "RegistrationResult": ("results", "RegistrationResult"),
+    "Candidate": ("results", "Candidate"),
     "Image": ("image", "Image"),
     "read_image": ("image", "read_image"),
     "write_image": ("image", "write_image"),

@@ -22,7 +22,6 @@ whose pid came in a ``start`` event; on posix their process groups get SIGKILL, 
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import shutil
@@ -31,12 +30,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli import engine_command
 from .events import ExitCode, RunningSet, parse_event
 from .events import exit_code as as_exit_code
+from .results import EngineOutputs, read_outputs
 
 __all__ = ["EngineOutputs", "EngineRun", "engine_command", "engine_environment", "new_run_dir", "read_outputs"]
 
@@ -364,73 +363,3 @@ class EngineRun:
 
     def _last_log_line(self) -> str | None:
         return self.log[-1] if self.log else None
-
-
-@dataclass
-class EngineOutputs:
-    """What the engine wrote: every candidate (transforms not loaded), the best, the exit code, result.json."""
-
-    out_dir: Path
-    exit_code: ExitCode | int | None
-    candidates: list = field(default_factory=list)  # pipeline.Candidate, each with transform_path only
-    best: object = None  # the winning Candidate, or None
-    summary: dict = field(default_factory=dict)  # result.json as written ({} when there is none)
-    message: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True when a result was kept."""
-        return self.best is not None
-
-    def candidate(self, name: str):
-        """The candidate called `name`."""
-        for cand in self.candidates:
-            if cand.name == name:
-                return cand
-        raise KeyError(f"no candidate named {name!r} (have {', '.join(c.name for c in self.candidates)})")
-
-    def transform_path(self, name: str | None = None) -> Path | None:
-        """The transform file of candidate `name` (default: the best), or None when none was written."""
-        cand = self.best if name is None else self.candidate(name)
-        if cand is None or not cand.transform_path:
-            return None
-        return self.out_dir / cand.transform_path
-
-    def read_transform(self, name: str | None = None):
-        """Read candidate `name`'s transform (default: the best's) as a SimpleITK transform; only now, as a
-        deformable one can be hundreds of MB."""
-        path = self.transform_path(name)
-        if path is None:
-            which = name or "the best candidate"
-            raise ValueError(f"{which} has no transform file (run with keep_all to keep every candidate's)")
-        import SimpleITK as sitk
-
-        return sitk.ReadTransform(str(path))
-
-    @property
-    def report_path(self) -> Path | None:
-        """report.png, or None when it was not written (e.g. matplotlib missing; `summary["report"]` says)."""
-        path = self.out_dir / "report.png"
-        return path if path.is_file() else None
-
-    @property
-    def warped_path(self) -> Path | None:
-        """The winner's warped moving image on the fixed grid, or None."""
-        path = self.out_dir / "warped.nii.gz"
-        return path if path.is_file() else None
-
-
-def read_outputs(out_dir, exit_code: int | None = None, message: str | None = None) -> EngineOutputs:
-    """Read an output folder written by `report.write_outputs` (the inverse): typed candidates, the best
-    and result.json. A folder without result.json (usage error, cancel, crash) gives no candidates."""
-    from .pipeline import Candidate
-    from .report import RESULT_MARKER
-
-    out = Path(out_dir)
-    summary: dict = {}
-    path = out / RESULT_MARKER
-    if path.is_file():
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    candidates = [Candidate.from_dict(entry) for entry in summary.get("candidates", [])]
-    best = next((c for c in candidates if c.name == summary.get("best")), None)
-    return EngineOutputs(out, as_exit_code(exit_code), candidates, best, summary, message)

@@ -349,3 +349,16 @@ def shrink(image: Image, factor: int) -> Image:
         return image
     factors = [min(factor, n) for n in image.size]
     return from_sitk(sitk.BinShrink(to_sitk(image, np.float32), factors))
+
+
+def prepare_input(image: Image, name: str) -> Image:
+    """Float32 copy with NaN/Inf replaced by the lowest finite value (inputs themselves are never touched)."""
+    arr = np.array(image.array, dtype=np.float32, copy=True)
+    bad = ~np.isfinite(arr)
+    if bad.all():
+        raise InputError(f"{name}: every voxel is NaN or infinite")
+    if bad.any():
+        arr[bad] = np.min(arr[~bad])
+    if arr.min() == arr.max():
+        raise InputError(f"{name}: every voxel is {arr.flat[0]:g}; a constant image holds nothing to register")
+    return image.with_array(arr)

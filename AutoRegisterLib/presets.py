@@ -40,6 +40,32 @@ def user_tables_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class RacingSchedule:
+    """A coarse-to-fine race: every preset but those in `full_resolution` runs first on images shrunk
+    `coarse_shrink` times, and the best `keep` of them run again at full resolution (see `race.py`)."""
+
+    coarse_shrink: int = 2
+    keep: int = 2
+    full_resolution: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Hold `full_resolution` as a tuple, whatever sequence it came as (the schedule is frozen)."""
+        object.__setattr__(self, "full_resolution", tuple(self.full_resolution))
+
+    def to_dict(self) -> dict:
+        """The JSON form of a table's ``racing`` field (and of ``inputs.racing`` in result.json)."""
+        return {"coarse_shrink": self.coarse_shrink, "keep": self.keep, "full_resolution": list(self.full_resolution)}
+
+    def raced(self, presets) -> list[Preset]:
+        """The presets that race the coarse round: all but those run at full resolution only."""
+        return [p for p in presets if p.name not in self.full_resolution]
+
+    def without(self, names) -> RacingSchedule:
+        """The schedule once the named presets are gone from the table."""
+        return replace(self, full_resolution=tuple(n for n in self.full_resolution if n not in set(names)))
+
+
+@dataclass(frozen=True)
 class Table:
     """A preset table for one modality pair."""
 
@@ -48,11 +74,16 @@ class Table:
     moving_modality: str
     presets: tuple[Preset, ...]
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
-    #: None, or {"coarse_shrink": n, "keep": k, "full_resolution": [names]}: every preset but those named
-    #: runs first on images shrunk n times, and the best k run again at full resolution with them.
-    racing: dict | None = None
+    #: None (every preset at full resolution), or the coarse-to-fine schedule; a dict in the JSON form of
+    #: the ``racing`` field is taken too.
+    racing: RacingSchedule | None = None
     source: str = ""
     description: str = ""
+
+    def __post_init__(self) -> None:
+        """Take a ``racing`` dict in the JSON form as a `RacingSchedule` (validated tables never pass one)."""
+        if isinstance(self.racing, dict):
+            object.__setattr__(self, "racing", RacingSchedule(**self.racing))
 
     def to_dict(self) -> dict:
         """Plain-data form that `load_table` reads back; presets are written in full, so a user table's
@@ -61,15 +92,13 @@ class Table:
             "schema": TABLE_SCHEMA, "name": self.name, "description": self.description,
             "fixed_modality": self.fixed_modality, "moving_modality": self.moving_modality,
             "presets": [p.to_dict() for p in self.presets], "scoring": self.scoring.to_dict(),
-            "racing": self.racing,
+            "racing": self.racing.to_dict() if self.racing is not None else None,
         }
 
     def without(self, names) -> Table:
         """The same table without the named presets (switched off by the user), its racing kept consistent."""
         names = set(names)
-        racing = self.racing
-        if racing is not None:
-            racing = dict(racing, full_resolution=[n for n in racing.get("full_resolution", []) if n not in names])
+        racing = self.racing.without(names) if self.racing is not None else None
         return replace(self, presets=tuple(p for p in self.presets if p.name not in names), racing=racing)
 
     def with_overrides(self, disabled=(), window_voxels: int | None = None) -> Table:
@@ -173,15 +202,16 @@ def _is_window(w) -> bool:
     return isinstance(w, int) and not isinstance(w, bool) and w >= 3 and w % 2 == 1
 
 
-def _parse_racing(raw, path, names: list[str]) -> dict | None:
+def _parse_racing(raw, path, names: list[str]) -> RacingSchedule | None:
     if raw is None:
         return None
     _require(isinstance(raw, dict), path, "racing", "must be an object or null")
-    known = ("coarse_shrink", "keep", "full_resolution")
+    known = [f.name for f in fields(RacingSchedule)]
     for key in raw:
         _require(key in known, path, f"racing.{key}", f"is unknown (known: {', '.join(known)})")
-    shrink = raw.get("coarse_shrink", 2)
-    keep = raw.get("keep", 2)
+    defaults = RacingSchedule()
+    shrink = raw.get("coarse_shrink", defaults.coarse_shrink)
+    keep = raw.get("keep", defaults.keep)
     full = raw.get("full_resolution", [])
     _require(isinstance(shrink, int) and shrink >= 1, path, "racing.coarse_shrink", "must be an integer >= 1")
     _require(isinstance(keep, int) and keep >= 1, path, "racing.keep", "must be an integer >= 1")
@@ -189,7 +219,7 @@ def _parse_racing(raw, path, names: list[str]) -> dict | None:
              "must be a list of preset names")
     missing = [n for n in full if n not in names]
     _require(not missing, path, "racing.full_resolution", f"names presets the table does not list: {missing}")
-    return {"coarse_shrink": shrink, "keep": keep, "full_resolution": full}
+    return RacingSchedule(shrink, keep, tuple(full))
 
 
 def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:

@@ -3,7 +3,7 @@
 The output folder is built under a temporary name beside its destination and renamed into place, so
 it is either complete or absent. matplotlib is optional: without it everything but report.png is
 written, and result.json says why it is missing (``"report": "skipped: matplotlib is not installed"``).
-`engine.read_outputs` reads the folder back.
+`results.read_outputs` reads the folder back.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import numpy as np
 
 from .errors import InputError
 from .image import write_image
-
-RESULT_MARKER = "result.json"
-REPORT_PNG = "report.png"
+from .results import REPORT_PNG, RESULT_MARKER, WARPED_IMAGE
 
 
 def check_output_dir(out_dir) -> Path:
@@ -52,7 +50,7 @@ def write_outputs(result, out_dir, keep_all: bool = False) -> Path:
     try:
         if result.best is not None:
             result.best.transform_path = write_transform(result.best.transform, staging).name
-            write_image(result.best.warped, staging / "warped.nii.gz")
+            write_image(result.best.warped, staging / WARPED_IMAGE)
         if keep_all:
             (staging / "candidates").mkdir()
             for cand in result.candidates:

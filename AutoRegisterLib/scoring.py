@@ -16,11 +16,14 @@ The design follows the measurements in ../shared/SCORING.md:
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .errors import InputError
+from .events import DEVICES, is_cancelled
 from .image import Image, to_sitk
 from .transforms import jacobian_determinant
 
@@ -50,6 +53,51 @@ class ScoringSettings:
 
 #: Flexibility levels: simpler transforms win ties, and each level costs ``complexity_penalty`` of the score.
 COMPLEXITY = {"rigid": 0, "affine": 1, "deformable": 2}
+
+
+def require_torch() -> None:
+    """Fail fast, before any worker starts, when torch (which every score needs) is not installed."""
+    import importlib.util
+
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
+        raise InputError("torch is not installed; AutoRegister needs it to score the results (pip install torch)")
+
+
+def pick_device(device: str) -> str:
+    """The device scores are computed on ("cpu" or "cuda") for a requested one of `events.DEVICES`."""
+    if device not in DEVICES:
+        raise InputError(f"device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if device == "cuda" and not has_cuda:
+        raise InputError("device 'cuda' was requested but no CUDA device is available")
+    return "cuda" if has_cuda else "cpu"
+
+
+def warm_up(device: str = "auto", stop=None) -> str | None:
+    """Load the scorer (torch, the compiled LNCC kernels from numba's cache); return the device it scores on.
+
+    `stop` (an Event or a callable) is checked after each step that cannot be interrupted, so a run that is
+    ending skips the rest: None when it stopped before the device was picked.
+    """
+    import torch
+
+    if is_cancelled(stop):
+        return None
+    from .similarity import lncc
+
+    picked = pick_device(device)
+    if is_cancelled(stop):
+        return picked
+    tiny = torch.rand(8, 8, 8)
+    lncc(tiny, tiny, window=3, mask=torch.ones(8, 8, 8))  # the first call loads the kernels
+    return picked
 
 
 @contextmanager

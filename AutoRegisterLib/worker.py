@@ -22,13 +22,17 @@ import time
 import traceback
 from pathlib import Path
 
+from .events import Status
 from .transforms import write_transform
+
+#: The protocol's two files in a preset's folder: the runner writes the spec, this worker the status.
+SPEC_FILE, STATUS_FILE = "spec.json", "status.json"
 
 
 def _write_status(out: Path, status: dict) -> None:
-    tmp = out / ".status.json.partial"
+    tmp = out / f".{STATUS_FILE}.partial"
     tmp.write_text(json.dumps(status))
-    os.replace(tmp, out / "status.json")
+    os.replace(tmp, out / STATUS_FILE)  # whole or absent: the runner reads it as soon as it exists
 
 
 def run_spec(spec: dict) -> dict:
@@ -49,12 +53,12 @@ def run_spec(spec: dict) -> dict:
         workdir.mkdir(exist_ok=True)
         transform = backend.estimate(preset, fixed, moving, workdir, int(spec.get("threads", 1)))
         path = write_transform(transform, out)
-        status = {"status": "ok", "transform": path.name}
+        status = {"status": Status.OK, "transform": path.name}
     except Exception as exc:  # a failed preset must report, never take the others down
         from .errors import BackendUnavailable
         from .image import itk_reason
 
-        kind = "unavailable" if isinstance(exc, BackendUnavailable) else "failed"
+        kind = Status.UNAVAILABLE if isinstance(exc, BackendUnavailable) else Status.FAILED
         error = f"{type(exc).__name__}: {itk_reason(str(exc))}"
         if _out_of_memory(exc):
             limit = spec.get("memory_limit_mb")

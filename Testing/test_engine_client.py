@@ -25,7 +25,7 @@ from AutoRegisterLib import cli
 from AutoRegisterLib.engine import EngineRun, engine_command, new_run_dir, read_outputs
 from AutoRegisterLib.events import ExitCode, RunningSet, Status, is_cancelled, parse_event
 from AutoRegisterLib.image import write_image
-from AutoRegisterLib.pipeline import Candidate
+from AutoRegisterLib.results import Candidate
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to find leftover processes")
 

@@ -195,10 +195,10 @@ def test_a_table_without_head_mask_scores_over_the_whole_fixed_grid(rigid_case4,
 
 
 def test_cancel_while_the_scorer_loads_ends_the_run_at_once(rigid_case4, monkeypatch):
-    from AutoRegisterLib import pipeline
+    from AutoRegisterLib import race
 
     waiting = threading.Event()
-    ready = pipeline._ScorerSetup.ready
+    ready = race._ScorerSetup.ready
 
     def waiting_ready(self):
         waiting.set()
@@ -206,8 +206,8 @@ def test_cancel_while_the_scorer_loads_ends_the_run_at_once(rigid_case4, monkeyp
 
     # A scorer that takes 30 s to load: once a result waits for it, only Cancel can end the wait. Like the
     # real one, it stops at its next step once the run ends (the run waits for that, see _ScorerSetup.close).
-    monkeypatch.setattr(pipeline._ScorerSetup, "_load", lambda self: self._stop.wait(30))
-    monkeypatch.setattr(pipeline._ScorerSetup, "ready", waiting_ready)
+    monkeypatch.setattr(race._ScorerSetup, "_load", lambda self: self._stop.wait(30))
+    monkeypatch.setattr(race._ScorerSetup, "ready", waiting_ready)
     t0 = time.perf_counter()
     with pytest.raises(Cancelled):
         auto_register(rigid_case4.fixed, rigid_case4.moving, presets=["sitk-rigid"], cancel=waiting.is_set)

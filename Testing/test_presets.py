@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from AutoRegisterLib.modality import MODALITIES, guess_modality, modality_or_gue
 from AutoRegisterLib.presets import (
     AUTOMATIC,
     TABLES_DIR,
+    RacingSchedule,
     Table,
     find_table,
     list_tables,
@@ -177,14 +179,25 @@ def test_catalog_names_are_checked_in_one_place():
 
 def test_switching_presets_off_keeps_the_table_valid(tmp_path):
     table = find_table("T1", "T2")
-    assert "elastix-bspline" in table.racing["full_resolution"]
+    assert "elastix-bspline" in table.racing.full_resolution
     smaller = table.without(["elastix-bspline", "sitk-rigid"])
     assert [p.name for p in smaller.presets] == [p.name for p in table.presets
                                                   if p.name not in ("elastix-bspline", "sitk-rigid")]
-    assert smaller.racing["full_resolution"] == [] and smaller.racing["keep"] == table.racing["keep"]
+    assert smaller.racing.full_resolution == () and smaller.racing.keep == table.racing.keep
     path = tmp_path / "switched.json"
     path.write_text(json.dumps(smaller.to_dict()))
     assert [p.name for p in load_table(path).presets] == [p.name for p in smaller.presets]
+    assert load_table(path).racing == smaller.racing
+
+
+def test_the_racing_schedule_is_a_frozen_value_with_the_tables_json_form():
+    schedule = RacingSchedule(coarse_shrink=2, keep=1, full_resolution=["elastix-bspline"])
+    assert schedule.to_dict() == {"coarse_shrink": 2, "keep": 1, "full_resolution": ["elastix-bspline"]}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        schedule.keep = 3
+    # Code that builds a table with the JSON form (e.g. a benchmark's own schedule) gets the schedule.
+    table = dataclasses.replace(find_table("T1", "T2"), racing=schedule.to_dict())
+    assert table.racing == schedule and table.to_dict()["racing"] == schedule.to_dict()
 
 
 def test_a_table_with_inline_presets_survives_its_plain_data_form(tmp_path):
@@ -204,6 +217,6 @@ def test_the_readme_example_table_loads_and_its_params_are_valid(tmp_path):
     path = tmp_path / "example.json"
     path.write_text(example)
     table = load_table(path)
-    assert table.racing["full_resolution"] == ["elastix-bspline"]
+    assert table.racing.full_resolution == ("elastix-bspline",)
     for preset in table.presets:
         get_backend(preset.backend).validate(preset)

@@ -30,6 +30,7 @@ from AutoRegisterLib.errors import Cancelled, InputError
 from AutoRegisterLib.image import from_numpy, read_image, resample_to_grid, write_image
 from AutoRegisterLib.pipeline import auto_register
 from AutoRegisterLib.presets import TABLES_DIR
+from AutoRegisterLib.report import write_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACING = (3.0, 3.0, 3.0)
@@ -190,7 +191,8 @@ def test_every_voxel_type_registers_and_leaves_input_files_byte_identical(case, 
     before = digest(tmp_path / "f.nrrd"), digest(tmp_path / "m.nrrd")
     out = tmp_path / "out"
     result = auto_register(tmp_path / "f.nrrd", tmp_path / "m.nrrd", fixed_modality="T1", moving_modality="T1",
-                           table=table_file(tmp_path, ["sitk-rigid"]), out_dir=out)
+                           table=table_file(tmp_path, ["sitk-rigid"]))
+    write_outputs(result, out)
     assert result.best is not None and result.best.score > 0.8, result.candidates
     assert shift_error_mm(result.best.transform, fixed, true_shift_mm()) < 1.5
     assert_complete(out)
@@ -381,7 +383,8 @@ def test_two_2d_slices_register_with_both_backends_and_write_2d_outputs(private_
     true_mm = np.array([6.0, -8.0])
     moving = resample_to_grid(fixed, fixed, sitk.TranslationTransform(2, tuple(-true_mm)))
     out = tmp_path / "out"
-    result = auto_register(fixed, moving, table=table_file(tmp_path, ["sitk-rigid", "ants-rigid"]), out_dir=out)
+    result = auto_register(fixed, moving, table=table_file(tmp_path, ["sitk-rigid", "ants-rigid"]))
+    write_outputs(result, out)
     for cand in result.candidates:
         assert cand.status == "ok", cand.error
         assert cand.transform.GetDimension() == 2
@@ -425,7 +428,8 @@ def test_an_aborted_worker_is_reported_and_the_run_still_writes_a_complete_resul
     fixed, moving = pair()
     out = tmp_path / "out"
     result = auto_register(fixed, moving, table=table_file(tmp_path, [HANGING, "sitk-rigid"]), jobs=2, timeout_s=60,
-                           out_dir=out, progress=on_start("slow-syn", signum=signal.SIGABRT))
+                           progress=on_start("slow-syn", signum=signal.SIGABRT))
+    write_outputs(result, out)
     by_name = {c.name: c for c in result.candidates}
     assert by_name["slow-syn"].status == "failed" and "SIGABRT" in by_name["slow-syn"].error
     assert result.best.name == "sitk-rigid"
@@ -511,7 +515,7 @@ def test_cancel_mid_run_writes_nothing_and_leaves_nothing_behind(private_tmp, tm
     out = tmp_path / "out"
     started = time.perf_counter()
     with pytest.raises(Cancelled):
-        auto_register(fixed, moving, table=table_file(tmp_path, [HANGING, "sitk-rigid"]), jobs=2, out_dir=out,
+        auto_register(fixed, moving, table=table_file(tmp_path, [HANGING, "sitk-rigid"]), jobs=2,
                       cancel=lambda: time.perf_counter() - started > 2.0, progress=on_start("slow-syn"))
     assert time.perf_counter() - started < 15
     assert not out.exists()

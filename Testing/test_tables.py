@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from AutoRegisterDev.data import make_case
+from AutoRegisterLib import cohort as cohorts
 from AutoRegisterLib import tables
 from AutoRegisterLib.cli import main
 from AutoRegisterLib.errors import Cancelled
@@ -46,14 +47,14 @@ def two_pair_cohort(icbm4, tmp_path_factory):
 @pytest.mark.slow
 def test_interrupted_build_resumes_without_rerunning_finished_tasks(two_pair_cohort, tmp_path, monkeypatch):
     calls = []
-    real_run_task = tables.run_task
+    real_run_task = cohorts.run_task
 
     def counting_run_task(pair, preset, *args):
         calls.append((pair.key, preset))
         return real_run_task(pair, preset, *args)
 
-    monkeypatch.setattr(tables, "run_task", counting_run_task)
-    pairs = tables.read_cohort(two_pair_cohort)
+    monkeypatch.setattr(cohorts, "run_task", counting_run_task)
+    pairs = cohorts.read_cohort(two_pair_cohort)
     out = tmp_path / "learned"
     with pytest.raises(Cancelled):
         tables.build_tables(pairs, PRESETS, out, cancel=lambda: len(calls) >= 2)
@@ -89,7 +90,7 @@ def test_cli_builds_a_table_on_a_local_dask_cluster(icbm4, tmp_path, capsys):
     pytest.importorskip("distributed")
     from distributed import Client, LocalCluster
 
-    pairs = tables.read_cohort(cohort)
+    pairs = cohorts.read_cohort(cohort)
     out = tmp_path / "T2_to_T1.json"
     events = []
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ._inputs import FLAT_VARIANCE, ZEROS_EPS
+from ._inputs import FLAT_VARIANCE, ZEROS_EPS, batch_grad, fused_backward, remember_inputs
 
 #: Target size of one work item's ring of plane sums; small enough to stay in a core's L2 cache.
 RING_BYTES = 1 << 21
@@ -151,8 +151,7 @@ class FusedLNCC(torch.autograd.Function):
         """The per-voxel map (want_map) or the float64 sum of the map over voxels with a value."""
         problem = _Problem(f, m, mask, rad, boundary)
         ctx.problem, ctx.signed, ctx.want_map = problem, signed, want_map
-        ctx.shapes = (f.shape, m.shape)
-        ctx.dtypes = (f.dtype, m.dtype)
+        remember_inputs(ctx, f, m)
         ctx.eager = None
         if want_map:
             out = np.empty((problem.f.shape[0],) + problem.shape, problem.f.dtype)
@@ -169,26 +168,25 @@ class FusedLNCC(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         """Recompute the window sums while streaming and box the per-window coefficients."""
-        need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_f or need_m):
-            return (None,) * 7
-        problem = ctx.problem
-        if ctx.want_map:
-            grad = grad_out.detach().to(torch.float64).contiguous().reshape((-1,) + problem.shape).numpy()
-            d_f, d_m, _ = problem.backward(ctx.signed, grad, need_f, need_m)
-        else:
-            if ctx.eager is not None:
-                # Handed out once; a repeated backward (retain_graph) recomputes, bit for bit the same.
-                d_f, d_m = ctx.eager
-                ctx.eager = None
-            else:
-                d_f, d_m, _ = problem.backward(ctx.signed, 1.0, need_f, need_m)
-            for d in (d_f, d_m):
-                if d is not None:
-                    d *= float(grad_out)  # in place: no second copy of the gradient
-        d_f = None if d_f is None else torch.from_numpy(d_f).reshape(ctx.shapes[0]).to(ctx.dtypes[0])
-        d_m = None if d_m is None else torch.from_numpy(d_m).reshape(ctx.shapes[1]).to(ctx.dtypes[1])
-        return d_f, d_m, None, None, None, None, None
+        return fused_backward(ctx, grad_out, _gradients)
+
+
+def _gradients(ctx, grad_out, need_f: bool, need_m: bool):
+    """The gradients of FusedLNCC's f and m (numpy, None when not needed), scaled by `grad_out`."""
+    problem = ctx.problem
+    if ctx.want_map:
+        d_f, d_m, _ = problem.backward(ctx.signed, batch_grad(grad_out, problem.shape).numpy(), need_f, need_m)
+        return d_f, d_m
+    if ctx.eager is not None:
+        # Handed out once; a repeated backward (retain_graph) recomputes, bit for bit the same.
+        d_f, d_m = ctx.eager
+        ctx.eager = None
+    else:
+        d_f, d_m, _ = problem.backward(ctx.signed, 1.0, need_f, need_m)
+    for d in (d_f, d_m):
+        if d is not None:
+            d *= float(grad_out)  # in place: no second copy of the gradient
+    return d_f, d_m
 
 
 def fused_map(f, m, mask, rad, boundary: str, signed: bool) -> torch.Tensor:

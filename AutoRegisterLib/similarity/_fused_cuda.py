@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._inputs import FLAT_VARIANCE, ZEROS_EPS
+from ._inputs import FLAT_VARIANCE, ZEROS_EPS, batch_grad, fused_backward, remember_inputs
 
 _BOX_AXIS = r"""
 extern "C" __global__
@@ -268,7 +268,7 @@ class FusedLNCCCuda(torch.autograd.Function):
         """The per-voxel map, shaped like f."""
         problem = _CudaProblem(f, m, mask, rad, boundary)
         ctx.problem, ctx.signed = problem, signed
-        ctx.meta = (f.shape, f.dtype, m.shape, m.dtype)
+        remember_inputs(ctx, f, m)
         v, _, _ = problem.run(signed, None, False, False)
         return v.reshape(f.shape).to(torch.float64 if torch.float64 in (f.dtype, m.dtype) else torch.float32)
 
@@ -276,15 +276,13 @@ class FusedLNCCCuda(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         """Recompute the sums, box the coefficients, combine."""
-        need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_f or need_m):
-            return (None,) * 6
-        problem = ctx.problem
-        grad = grad_out.detach().to(torch.float64).reshape((-1,) + problem.shape).contiguous()
-        _, d_f, d_m = problem.run(ctx.signed, grad, need_f, need_m)
-        f_shape, f_dtype, m_shape, m_dtype = ctx.meta
-        return (None if d_f is None else d_f.reshape(f_shape).to(f_dtype),
-                None if d_m is None else d_m.reshape(m_shape).to(m_dtype), None, None, None, None)
+        return fused_backward(ctx, grad_out, _gradients)
+
+
+def _gradients(ctx, grad_out, need_f: bool, need_m: bool):
+    """The gradients of FusedLNCCCuda's f and m (None when not needed) for the incoming map gradient."""
+    _, d_f, d_m = ctx.problem.run(ctx.signed, batch_grad(grad_out, ctx.problem.shape), need_f, need_m)
+    return d_f, d_m
 
 
 def fused_map(f, m, mask, rad, boundary: str, signed: bool) -> torch.Tensor:

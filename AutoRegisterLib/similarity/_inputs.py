@@ -133,3 +133,32 @@ def reduce_map(cc: torch.Tensor, mask: torch.Tensor | None, reduction: str, layo
         count = cc.numel() if mask is None else int(mask.sum())
         total = total / max(count, 1)
     return total.to(layout.out_dtype)
+
+
+# --- the fused engines' autograd Functions (forward(ctx, f, m, ...)): one backward prologue and epilogue ---
+
+def remember_inputs(ctx, f: torch.Tensor, m: torch.Tensor) -> None:
+    """Keep the shapes and dtypes of `f` and `m` on `ctx`, so the gradients can be handed back in them."""
+    ctx.input_forms = ((f.shape, f.dtype), (m.shape, m.dtype))
+
+
+def fused_backward(ctx, grad_out: torch.Tensor, grads) -> tuple:
+    """A fused Function's backward: `grads(ctx, grad_out, need_f, need_m)` gives the gradients of f and m
+    (None for one not needed), handed back in their inputs' form; the other inputs get None."""
+    need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    others = (None,) * (len(ctx.needs_input_grad) - 2)
+    if not (need_f or need_m):
+        return (None, None) + others
+    return input_grads(ctx, *grads(ctx, grad_out, need_f, need_m)) + others
+
+
+def batch_grad(grad_out: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """The incoming gradient of a per-voxel map as contiguous float64 shaped (B, *spatial), the kernels' form."""
+    return grad_out.detach().to(torch.float64).reshape((-1,) + tuple(spatial)).contiguous()
+
+
+def input_grads(ctx, d_f, d_m) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of f and m (tensors or numpy arrays, None when not needed) in their inputs' shapes and
+    dtypes (see `remember_inputs`)."""
+    return tuple(None if d is None else torch.as_tensor(d).reshape(shape).to(dtype)
+                 for d, (shape, dtype) in zip((d_f, d_m), ctx.input_forms))

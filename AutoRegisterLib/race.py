@@ -1,0 +1,274 @@
+"""The race: every preset runs in the worker pool, each result is warped and scored here as it arrives,
+and the candidates are ranked by the rule that picks the winner.
+
+A table's `RacingSchedule` makes it coarse to fine: the presets first race on shrunk images and only the
+best continue at full resolution. The scorer (torch, the compiled kernels, the head masks) loads on a
+thread beside the workers (`_ScorerSetup`), so the workers start at once; a score waits for it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .backends.base import Preset, warp_with
+from .errors import Cancelled
+from .events import Status, is_cancelled
+from .image import Image, write_image
+from .presets import RacingSchedule
+from .results import MEASURES, Candidate
+from .runner import Job, Runner
+from .scoring import ScoringSettings
+
+
+class _ScorerSetup:
+    """Loads the scorer (torch, the compiled LNCC kernels), resolves the device and computes the head masks
+    on a background thread, so the workers start at once instead of after it; a score waits for it.
+
+    `close()` must end every run that started it: a thread still inside ``import torch`` when the
+    interpreter exits is killed by the interpreter's shutdown in the middle of C++ code, and the process
+    aborts ("terminate called without an active exception", exit -6) after a run that was otherwise done.
+    """
+
+    def __init__(self, device: str, cancel=None):
+        """Load for the requested `device` ("auto", "cpu" or "cuda"); `cancel` ends a wait in `ready()`."""
+        self.requested, self.cancel = device, cancel
+        self.device: str | None = None
+        self.seconds = 0.0
+        self.rounds: list[_Round] = []
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._load, name="autoregister-scorer-setup", daemon=True)
+
+    def start(self) -> None:
+        """Begin loading in the background."""
+        self._thread.start()
+
+    def _load(self) -> None:
+        from .scoring import warm_up
+
+        t0 = time.perf_counter()
+        try:
+            # After each step that cannot be interrupted: a run that is ending skips the rest.
+            self.device = warm_up(self.requested, stop=self._stop)
+            for rnd in list(self.rounds):
+                if self._stop.is_set():
+                    return
+                rnd.head()
+        except Exception as exc:  # handed to every score, which fails that candidate only
+            self._error = exc
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stop after the current step and wait for the thread (an import cannot be cut short: up to ~3 s).
+
+        A Ctrl-C during the wait does not cut it short either; it is raised once the thread has ended.
+        """
+        self._stop.set()
+        interrupted = False
+        while self._thread.is_alive():
+            try:
+                self._thread.join(0.1)
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def ready(self) -> str:
+        """Wait until loaded (a Cancel still ends the wait within 0.1 s); the device to score on."""
+        while self._thread.is_alive():
+            self._thread.join(0.1)
+            if is_cancelled(self.cancel):
+                raise Cancelled("registration cancelled")
+        if self._error is not None:
+            raise self._error
+        return self.device
+
+
+class _Round:
+    """One round of the race: every preset on one pair of images, each result warped and scored here."""
+
+    def __init__(self, fixed: Image, moving: Image, fixed_modality: str, settings: ScoringSettings,
+                 setup: _ScorerSetup, candidates: dict[str, Candidate], progress, threads=lambda: 1):
+        """`threads()` says how many threads scoring may use when a result arrives."""
+        self.fixed, self.moving, self.fixed_modality = fixed, moving, fixed_modality
+        self.settings, self.setup, self.threads = settings, setup, threads
+        self.candidates, self.progress = candidates, progress
+        self.made = 0
+        self._head: np.ndarray | None = None
+        self._head_lock = threading.Lock()
+        setup.rounds.append(self)
+
+    def head(self) -> np.ndarray:
+        """The fixed head mask the scores are taken over (the whole grid with ``head_mask: none``)."""
+        from .scoring import head_mask
+
+        with self._head_lock:
+            if self._head is None:
+                self._head = (np.ones(self.fixed.array.shape, bool) if self.settings.head_mask == "none"
+                              else head_mask(self.fixed, self.fixed_modality))
+            return self._head
+
+    def jobs(self, presets: list[Preset], workdir: Path) -> list[Job]:
+        """Jobs running `presets` on this round's images (written once into `workdir`), scored as each ends."""
+        fixed_path, moving_path = workdir / "fixed.mha", workdir / "moving.mha"
+        if not fixed_path.exists():
+            workdir.mkdir(parents=True, exist_ok=True)
+            write_image(self.fixed, fixed_path, compress=False)
+            write_image(self.moving, moving_path, compress=False)
+        jobs = []
+        for preset in presets:
+            self.made += 1
+            # A preset's name comes from a table: in a folder name it is one safe path component.
+            folder = workdir / f"{self.made:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', preset.name)}"
+            jobs.append(Job(preset, folder, fixed_path, moving_path, self.on_done))
+        return jobs
+
+    def on_done(self, preset: Preset, status: dict, folder: Path) -> None:
+        """Record a finished worker and score its result (a scoring failure fails this candidate only)."""
+        import SimpleITK as sitk
+
+        from .scoring import score_candidate, thread_limit
+
+        cand = self.candidates[preset.name]
+        cand.seconds = status.get("seconds")
+        cand.status, cand.error = Status(status["status"]), status.get("error")
+        if cand.status != Status.OK:
+            return
+        t0 = time.perf_counter()
+        try:
+            device = self.setup.ready()
+            # The workers hold the other cores: more threads here would only contend with them.
+            with thread_limit(self.threads()):
+                cand.transform = sitk.ReadTransform(str(folder / status["transform"]))
+                out = warp_with(cand.transform, self.fixed, self.moving)
+                measures = score_candidate(self.fixed, out.warped, out.valid_mask, self.head(), self.settings,
+                                           cand.transform, device=device, transform_type=cand.transform_type)
+        except Cancelled:
+            raise
+        except Exception as exc:  # scoring one candidate must not end the others
+            cand.status, cand.error = Status.FAILED, f"scoring failed: {type(exc).__name__}: {exc}"[:500]
+            return
+        cand.warped = out.warped
+        for key in MEASURES:
+            setattr(cand, key, measures[key])
+        if measures["disqualified"]:
+            cand.status, cand.error = Status.DISQUALIFIED, measures["disqualified"]
+        cand.score_seconds = time.perf_counter() - t0
+        self.progress({"event": "score", "candidate": cand.name, "status": cand.status.value, "score": cand.score})
+
+
+def ranked(cands: list[Candidate], settings: ScoringSettings) -> list[Candidate]:
+    """Successful candidates, best first, by the same rule that picks the winner."""
+    from .scoring import choose_best
+
+    remaining = [c for c in cands if c.status == Status.OK]
+    order = []
+    while remaining:
+        i = choose_best([{"score": c.score, "mi": c.mi, "coverage": c.coverage,
+                          "transform_type": c.transform_type} for c in remaining], settings)
+        order.append(remaining.pop(i))
+    return order
+
+
+def effective_schedule(schedule: RacingSchedule | None, presets: list[Preset]) -> RacingSchedule | None:
+    """The schedule to race `presets` with: None when every raced preset would be kept anyway (a coarse
+    round would only add time)."""
+    if schedule is None or len(schedule.raced(presets)) <= schedule.keep:
+        return None
+    return schedule
+
+
+def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], schedule: RacingSchedule,
+                         fixed_modality: str, tmp: Path, progress) -> None:
+    """Every preset on images shrunk by ``coarse_shrink``; the best ``keep`` of them again at full resolution.
+
+    Presets named in ``full_resolution`` skip the coarse round and run once, at full resolution, from the
+    start: elastix samples a fixed number of points whatever the image size, so its coarse run costs nearly
+    as much as the full one and would only delay it. There is no barrier between the rounds: a worker that
+    would idle while coarse runs are still out starts the full-resolution run of the best coarse result so
+    far. Only the final best ``keep`` count, so the choice is the same as with a barrier; a run started
+    ahead of time for a preset that drops out is discarded. Candidates that drop out are reported as
+    ``eliminated`` with their coarse score.
+    """
+    from .image import shrink
+
+    raced = schedule.raced(presets)
+    direct = [p for p in presets if p not in raced]
+    coarse_results = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in raced}
+    coarse = _Round(shrink(full.fixed, schedule.coarse_shrink), shrink(full.moving, schedule.coarse_shrink),
+                    fixed_modality, full.settings, full.setup, coarse_results, progress, full.threads)
+    by_name = {p.name: p for p in raced}
+    started: list[str] = []
+    kept: list[str] | None = None  # the final best `keep`, once every coarse run has ended
+
+    def more() -> list[Job]:
+        nonlocal kept
+        done = [c for c in coarse_results.values() if c.status != Status.PENDING]
+        best = [c.name for c in ranked(done, full.settings)[:schedule.keep]]
+        if len(done) < len(raced):
+            best = best[:1]  # a guess while coarse runs are out: one at a time
+        elif kept is None:
+            kept = best
+            progress({"event": "round", "round": "full", "candidates": sorted(kept + [p.name for p in direct])})
+        ahead = [n for n in best if n not in started]
+        started.extend(ahead)
+        return full.jobs([by_name[n] for n in ahead], tmp / "full")
+
+    jobs = full.jobs(direct, tmp / "full") + coarse.jobs(raced, tmp / "coarse")
+    runner.run(jobs, more, expected=len(presets) + schedule.keep)
+    for name, coarse_cand in coarse_results.items():
+        if name in (kept or ()):
+            continue
+        # Dropped out: its coarse outcome stands (a full-resolution run started ahead of time is discarded).
+        eliminated = replace(coarse_cand, transform=None, warped=None)
+        if coarse_cand.status == Status.OK:
+            eliminated.status = Status.ELIMINATED
+            eliminated.error = f"eliminated in the coarse round (score {eliminated.score:.4f})"
+        full.candidates[name] = eliminated
+
+
+def run_race(fixed: Image, moving: Image, fixed_modality: str, settings: ScoringSettings, presets: list[Preset],
+             candidates: dict[str, Candidate], schedule: RacingSchedule | None, *, device: str, jobs: int,
+             cores: int, timeout_s: float | None, progress, cancel, memory_limit_mb: int | None,
+             threads_per_job: int | None, work_dir=None) -> tuple[str | None, float]:
+    """Race `presets` on the prepared images and fill in their `candidates` (a dict by name, whose
+    eliminated entries are replaced); return the device scores ran on (None when the scorer never
+    loaded) and the seconds loading the scorer took.
+
+    The run's temporary folder goes under `work_dir` (default: the system's) and is removed on every exit;
+    so are the workers and the scorer's loading thread. Raises Cancelled on cancel and on Ctrl-C.
+    """
+    setup = _ScorerSetup(device, cancel)
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="autoregister-", dir=None if work_dir is None else str(work_dir)))
+    try:
+        try:
+            with Runner(jobs, timeout_s, tmp / "workers", progress, cancel, memory_limit_mb, threads_per_job,
+                        cores) as runner:
+                full = _Round(fixed, moving, fixed_modality, settings, setup, candidates, progress,
+                              runner.free_cores)
+                setup.start()
+                if schedule is not None:
+                    _race_coarse_to_fine(runner, full, presets, schedule, fixed_modality, tmp, progress)
+                else:
+                    runner.run(full.jobs(presets, tmp / "full"))
+        finally:
+            # Workers are gone (Runner.close); the scorer thread must end too, on every path (see _ScorerSetup).
+            setup.close()
+        if is_cancelled(cancel):  # cancelled while the scorer thread ended: still a cancel
+            raise Cancelled("registration cancelled")
+    except KeyboardInterrupt:
+        raise Cancelled("registration interrupted") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return setup.device, setup.seconds
