@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import types
-import xml.etree.ElementTree as ET
 
 
 class Qt:
@@ -281,12 +280,7 @@ CLASSES = {"QComboBox": ComboBox, "qMRMLNodeComboBox": NodeComboBox, "QCheckBox"
 
 def widgets_from_ui(ui_file) -> types.SimpleNamespace:
     """`slicer.util.childWidgetVariables` of the loaded .ui: one fake per named widget."""
-    ui = {}
-    for element in ET.parse(ui_file).getroot().iter("widget"):
-        props = {}
-        for prop in element.findall("property"):
-            child = next(iter(prop), None)
-            props[prop.get("name")] = None if child is None else child.text
-        ui[element.get("name")] = CLASSES.get(element.get("class"), Widget)(element.get("class"),
-                                                                             element.get("name"), props)
-    return types.SimpleNamespace(**ui)
+    from slicer_rules import ui_widgets
+
+    return types.SimpleNamespace(**{name: CLASSES.get(cls, Widget)(cls, name, props)
+                                    for cls, name, props in ui_widgets(ui_file)})

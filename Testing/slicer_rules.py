@@ -148,17 +148,20 @@ def validate(cls, name: str, value) -> None:
             annotation.validate(value)
 
 
-def bound_widgets(ui_file) -> dict:
-    """parameter name -> (widget class, widget name, {property: value}) for every widget with SlicerParameterName."""
-    bound = {}
+def ui_widgets(ui_file):
+    """(class, name, {property: value}) of every widget in a Qt Designer .ui file."""
     for widget in ET.parse(ui_file).getroot().iter("widget"):
         props = {}
         for prop in widget.findall("property"):
             child = next(iter(prop), None)
             props[prop.get("name")] = None if child is None else child.text
-        if props.get("SlicerParameterName"):
-            bound[props["SlicerParameterName"]] = (widget.get("class"), widget.get("name"), props)
-    return bound
+        yield widget.get("class"), widget.get("name"), props
+
+
+def bound_widgets(ui_file) -> dict:
+    """parameter name -> (widget class, widget name, {property: value}) for every widget with SlicerParameterName."""
+    return {props["SlicerParameterName"]: (cls, name, props)
+            for cls, name, props in ui_widgets(ui_file) if props.get("SlicerParameterName")}
 
 
 def connect_gui(cls, ui_file) -> dict:
