@@ -132,6 +132,7 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownPresets = None
         self._seenVolumes = {}
         self._installing = False
+        self._missing = {}  # pip name -> what is lost; looked up on setup, enter and after an install
 
     def setup(self) -> None:
         """Load the .ui, connect signals and the parameter node."""
@@ -245,12 +246,11 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Register needs two different volumes, the required packages, and no run or install in progress."""
         p = self._parameterNode
         running = self._run is not None
-        missing = self.logic.missingDependencies(requiredOnly=True)
+        missing = [pip for pip in self._missing if pip in dependencies.REQUIRED]
         ready = bool(p and p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
         self.ui.registerButton.enabled = ready and not running and not missing and not self._installing
         self.ui.cancelButton.enabled = running
-        self.ui.installDependenciesButton.enabled = not running and not self._installing and bool(
-            self.logic.missingDependencies())
+        self.ui.installDependenciesButton.enabled = not running and not self._installing and bool(self._missing)
         if missing:
             self.ui.registerButton.toolTip = _(
                 "{packages} is not installed. Click 'Install dependencies' (PyTorch comes from the PyTorch "
@@ -318,7 +318,7 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateDependencyStatus(self) -> None:
         """Say, above the Register button, which packages are missing and what each one enables."""
-        missing = self.logic.missingDependencies()
+        self._missing = missing = self.logic.missingDependencies()
         self.ui.dependenciesLabel.text = "; ".join(
             _("{package} is missing: no {purpose}").format(package=pip, purpose=purpose)
             for pip, purpose in missing.items())
@@ -544,12 +544,12 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
 
     def guessModality(self, volumeNode):
         """The library's modality guess ('CT' or 'MR') from every 4th voxel, so a large CT costs no copy."""
-        from AutoRegisterLib import presets
         from AutoRegisterLib.image import Image
+        from AutoRegisterLib.modality import guess_modality
 
         try:
             sample = slicer.util.arrayFromVolume(volumeNode)[::4, ::4, ::4]
-            return presets.guess_modality(Image(sample, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+            return guess_modality(Image(sample, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
         except Exception:
             return "MR"
 

@@ -111,7 +111,7 @@ def test_register_is_disabled_without_torch_and_says_how_to_install_it(panel, mo
     real = widget.logic.missingDependencies
     monkeypatch.setattr(widget.logic, "missingDependencies",
                         lambda requiredOnly=False: {"torch": "scoring", **({} if requiredOnly else real())})
-    widget.updateDependencyStatus()
+    widget.enter()  # dependencies are looked up when the module is shown
     assert not widget.ui.registerButton.enabled
     assert "torch" in widget.ui.registerButton.toolTip and "Install dependencies" in widget.ui.registerButton.toolTip
     assert widget.ui.dependenciesLabel.visible and "torch" in widget.ui.dependenciesLabel.text

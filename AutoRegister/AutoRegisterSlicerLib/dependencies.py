@@ -14,6 +14,8 @@ PACKAGES = {
     "antspyx": ("ants", "the ANTs presets", False),
     "itk-elastix": ("itk", "the elastix presets (unless SlicerElastix is installed)", False),
 }
+#: Without these, Register is disabled.
+REQUIRED = tuple(pip for pip, (_module, _purpose, required) in PACKAGES.items() if required)
 
 
 def missing(requiredOnly=False, elastixExecutable=None):
