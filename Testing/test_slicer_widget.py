@@ -36,7 +36,12 @@ def panel(slicer_module, monkeypatch, tmp_path):
             dialogs.append(f"{message} {exc}")
 
     monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display)
-    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: None)
+    # Slicer's own keywords (util.py setSliceViewerLayers): an unknown keyword raises, as in Slicer.
+    def set_slice_viewer_layers(background="keep-current", foreground="keep-current", label="keep-current",
+                                foregroundOpacity=None, labelOpacity=None, fit=False, rotateToVolumePlane=False):
+        pass
+
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", set_slice_viewer_layers)
     node = slicer_module.AutoRegisterParameterNode()
     monkeypatch.setattr(slicer_module.AutoRegisterLogic, "getParameterNode", lambda self: node)
     monkeypatch.setenv("AUTOREGISTER_TABLES", str(tmp_path / "user tables"))
