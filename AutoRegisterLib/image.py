@@ -351,6 +351,26 @@ def shrink(image: Image, factor: int) -> Image:
     return from_sitk(sitk.BinShrink(to_sitk(image, np.float32), factors))
 
 
+def coarsened(image: Image, spacing_mm: float) -> Image:
+    """`image` on a grid whose voxels are at least `spacing_mm` along each axis, over the same extent
+    (axes already that coarse are kept), smoothed first so the coarse grid is not aliased."""
+    import SimpleITK as sitk
+
+    old = np.asarray(image.spacing_mm)
+    new = np.maximum(old, float(spacing_mm))
+    if np.allclose(new, old):
+        return image
+    size = np.maximum(1, np.round(np.asarray(image.size) * old / new)).astype(int)
+    # The same physical extent: the first voxel's outer face stays where it was.
+    origin = np.asarray(image.origin_mm) + image.direction @ ((new - old) / 2.0)
+    img = to_sitk(image, np.float32)
+    for axis in np.flatnonzero(new > old * (1 + 1e-6)):
+        # The Gaussian that takes the old voxel's blur to about half the new voxel (sigma in mm).
+        img = sitk.RecursiveGaussian(img, float(0.5 * np.sqrt(new[axis] ** 2 - old[axis] ** 2)), direction=int(axis))
+    grid = Image(np.zeros(tuple(reversed(size.tolist())), np.uint8), tuple(new), tuple(origin), image.direction)
+    return resample_to_grid(from_sitk(img), grid)
+
+
 def prepare_input(image: Image, name: str) -> Image:
     """Float32 copy with NaN/Inf replaced by the lowest finite value (inputs themselves are never touched)."""
     arr = np.array(image.array, dtype=np.float32, copy=True)
