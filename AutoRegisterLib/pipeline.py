@@ -59,7 +59,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     bad input and when torch (needed to score) is not installed, before any worker starts, and Cancelled
     when `cancel` says so (or on Ctrl-C).
     """
-    from .backends import get_backend
+    from .backends import get_backend, warp_with
 
     wall_start = time.perf_counter()
     if memory_limit_mb is not None and (isinstance(memory_limit_mb, bool) or not int(memory_limit_mb) > 0):
@@ -96,6 +96,9 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
 
     ordered = [candidates[p.name] for p in chosen.presets]
     best = ranked(ordered, chosen.scoring)
+    if best and best[0].warped is not None and best[0].warped.spacing_mm != fixed_f.spacing_mm:
+        # Scored on the coarser scoring grid: the winner's output image is on the fixed image's own grid.
+        best[0].warped = warp_with(best[0].transform, fixed_f, moving_f).warped
     return RegistrationResult(
         candidates=ordered, best=best[0] if best else None, fixed=fixed_f, moving=moving_f,
         fixed_modality=fixed_modality, moving_modality=moving_modality, table=chosen,

@@ -47,6 +47,9 @@ class RacingSchedule:
     coarse_shrink: int = 2
     keep: int = 2
     full_resolution: tuple[str, ...] = ()
+    #: The coarse round's voxels are at least this many mm (after the shrink): its cost does not grow with
+    #: the input's voxel count.
+    coarse_mm: float = 0.0
 
     def __post_init__(self) -> None:
         """Hold `full_resolution` as a tuple, whatever sequence it came as (the schedule is frozen)."""
@@ -54,7 +57,8 @@ class RacingSchedule:
 
     def to_dict(self) -> dict:
         """The JSON form of a table's ``racing`` field (and of ``inputs.racing`` in result.json)."""
-        return {"coarse_shrink": self.coarse_shrink, "keep": self.keep, "full_resolution": list(self.full_resolution)}
+        return {"coarse_shrink": self.coarse_shrink, "keep": self.keep, "full_resolution": list(self.full_resolution),
+                "coarse_mm": self.coarse_mm}
 
     def raced(self, presets) -> list[Preset]:
         """The presets that race the coarse round: all but those run at full resolution only."""
@@ -155,7 +159,14 @@ def parse_preset(entry, path, where: str) -> Preset:
              f"must be one of {', '.join(BACKEND_NAMES)}, got {entry['backend']!r}")
     params = entry.get("params", {})
     _require(isinstance(params, dict), path, f"{where}.params", "must be an object")
-    return Preset(entry["name"], entry["backend"], entry["transform_type"], dict(params))
+    grid = entry.get("grid_mm", 0.0)
+    _require(_is_number(grid) and 0 <= grid <= 20, path, f"{where}.grid_mm",
+             f"must be a number of mm in [0, 20] (0: the input's grid), got {grid!r}")
+    return Preset(entry["name"], entry["backend"], entry["transform_type"], dict(params), float(grid))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def load_catalog(path=CATALOG_PATH) -> dict[str, Preset]:
@@ -184,6 +195,8 @@ def _parse_scoring(raw, path) -> ScoringSettings:
     _require(_is_window(s.window_voxels), path, "scoring.window_voxels",
              f"must be an odd integer >= 3, got {s.window_voxels!r}")
     _require(s.head_mask in ("auto", "none"), path, "scoring.head_mask", "must be 'auto' or 'none'")
+    _require(_is_number(s.grid_mm) and 0 <= s.grid_mm <= 20, path, "scoring.grid_mm",
+             f"must be a number of mm in [0, 20] (0: the fixed image's grid), got {s.grid_mm!r}")
     for name in ("min_coverage", "max_folding_fraction"):
         v = getattr(s, name)
         _require(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, path,
@@ -219,7 +232,10 @@ def _parse_racing(raw, path, names: list[str]) -> RacingSchedule | None:
              "must be a list of preset names")
     missing = [n for n in full if n not in names]
     _require(not missing, path, "racing.full_resolution", f"names presets the table does not list: {missing}")
-    return RacingSchedule(shrink, keep, tuple(full))
+    coarse_mm = raw.get("coarse_mm", defaults.coarse_mm)
+    _require(_is_number(coarse_mm) and 0 <= coarse_mm <= 20, path, "racing.coarse_mm",
+             f"must be a number of mm in [0, 20], got {coarse_mm!r}")
+    return RacingSchedule(shrink, keep, tuple(full), float(coarse_mm))
 
 
 def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:

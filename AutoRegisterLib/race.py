@@ -21,7 +21,7 @@ import numpy as np
 from .backends.base import Preset, warp_with
 from .errors import Cancelled
 from .events import Status, is_cancelled
-from .image import Image, write_image
+from .image import Image, coarsened, write_image
 from .presets import RacingSchedule
 from .results import MEASURES, Candidate
 from .runner import Job, Runner
@@ -61,7 +61,7 @@ class _ScorerSetup:
             for rnd in list(self.rounds):
                 if self._stop.is_set():
                     return
-                rnd.head()
+                rnd.scoring_images()
         except Exception as exc:  # handed to every score, which fails that candidate only
             self._error = exc
         finally:
@@ -103,29 +103,44 @@ class _Round:
         self.settings, self.setup, self.threads = settings, setup, threads
         self.candidates, self.progress = candidates, progress
         self.made = 0
-        self._head: np.ndarray | None = None
-        self._head_lock = threading.Lock()
+        self._scoring: tuple[Image, Image, np.ndarray] | None = None
+        self._scoring_lock = threading.Lock()
+        self._written: dict[tuple, tuple[Path, Path]] = {}
         setup.rounds.append(self)
 
-    def head(self) -> np.ndarray:
-        """The fixed head mask the scores are taken over (the whole grid with ``head_mask: none``)."""
+    def scoring_images(self) -> tuple[Image, Image, np.ndarray]:
+        """The fixed and moving images on the scoring grid (``grid_mm``) and the fixed head mask there (the
+        whole grid with ``head_mask: none``); made once, on the scorer's loading thread when it gets there first."""
         from .scoring import head_mask
 
-        with self._head_lock:
-            if self._head is None:
-                self._head = (np.ones(self.fixed.array.shape, bool) if self.settings.head_mask == "none"
-                              else head_mask(self.fixed, self.fixed_modality))
-            return self._head
+        with self._scoring_lock:
+            if self._scoring is None:
+                fixed, moving = coarsened(self.fixed, self.settings.grid_mm), coarsened(self.moving, self.settings.grid_mm)
+                head = (np.ones(fixed.array.shape, bool) if self.settings.head_mask == "none"
+                        else head_mask(fixed, self.fixed_modality))
+                self._scoring = (fixed, moving, head)
+            return self._scoring
+
+    def _images_for(self, preset: Preset, workdir: Path) -> tuple[Path, Path]:
+        """The image files `preset` registers: this round's images on its working grid, written once per grid."""
+        fixed = coarsened(self.fixed, preset.grid_mm)
+        key = fixed.spacing_mm
+        if key not in self._written:
+            moving = coarsened(self.moving, preset.grid_mm)
+            workdir.mkdir(parents=True, exist_ok=True)
+            tag = "" if fixed is self.fixed else f"-{'x'.join(f'{s:g}' for s in key)}mm"
+            paths = workdir / f"fixed{tag}.mha", workdir / f"moving{tag}.mha"
+            write_image(fixed, paths[0], compress=False)
+            write_image(moving, paths[1], compress=False)
+            self._written[key] = paths
+        return self._written[key]
 
     def jobs(self, presets: list[Preset], workdir: Path) -> list[Job]:
-        """Jobs running `presets` on this round's images (written once into `workdir`), scored as each ends."""
-        fixed_path, moving_path = workdir / "fixed.mha", workdir / "moving.mha"
-        if not fixed_path.exists():
-            workdir.mkdir(parents=True, exist_ok=True)
-            write_image(self.fixed, fixed_path, compress=False)
-            write_image(self.moving, moving_path, compress=False)
+        """Jobs running `presets` on this round's images (each on its working grid, written once into
+        `workdir`), scored as each ends."""
         jobs = []
         for preset in presets:
+            fixed_path, moving_path = self._images_for(preset, workdir)
             self.made += 1
             # A preset's name comes from a table: in a folder name it is one safe path component.
             folder = workdir / f"{self.made:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', preset.name)}"
@@ -149,8 +164,9 @@ class _Round:
             # The workers hold the other cores: more threads here would only contend with them.
             with thread_limit(self.threads()):
                 cand.transform = sitk.ReadTransform(str(folder / status["transform"]))
-                out = warp_with(cand.transform, self.fixed, self.moving)
-                measures = score_candidate(self.fixed, out.warped, out.valid_mask, self.head(), self.settings,
+                fixed, moving, head = self.scoring_images()
+                out = warp_with(cand.transform, fixed, moving)
+                measures = score_candidate(fixed, out.warped, out.valid_mask, head, self.settings,
                                            cand.transform, device=device, transform_type=cand.transform_type)
         except Cancelled:
             raise
@@ -189,7 +205,8 @@ def effective_schedule(schedule: RacingSchedule | None, presets: list[Preset]) -
 
 def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], schedule: RacingSchedule,
                          fixed_modality: str, tmp: Path, progress) -> None:
-    """Every preset on images shrunk by ``coarse_shrink``; the best ``keep`` of them again at full resolution.
+    """Every preset on images shrunk by ``coarse_shrink`` (and coarsened to ``coarse_mm``); the best ``keep``
+    of them again at full resolution (each on its own working grid).
 
     Presets named in ``full_resolution`` skip the coarse round and run once, at full resolution, from the
     start: elastix samples a fixed number of points whatever the image size, so its coarse run costs nearly
@@ -204,8 +221,11 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], sc
     raced = schedule.raced(presets)
     direct = [p for p in presets if p not in raced]
     coarse_results = {p.name: Candidate(p.name, p.backend, p.transform_type) for p in raced}
-    coarse = _Round(shrink(full.fixed, schedule.coarse_shrink), shrink(full.moving, schedule.coarse_shrink),
-                    fixed_modality, full.settings, full.setup, coarse_results, progress, full.threads)
+    def coarse_copy(image: Image) -> Image:
+        return coarsened(shrink(image, schedule.coarse_shrink), schedule.coarse_mm)
+
+    coarse = _Round(coarse_copy(full.fixed), coarse_copy(full.moving), fixed_modality, full.settings, full.setup,
+                    coarse_results, progress, full.threads)
     by_name = {p.name: p for p in raced}
     started: list[str] = []
     kept: list[str] | None = None  # the final best `keep`, once every coarse run has ended

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .image import write_image
+from .image import coarsened, write_image
 from .results import REPORT_PNG, RESULT_MARKER, WARPED_IMAGE
 
 
@@ -122,9 +122,13 @@ def write_report_png(result, path) -> str:
     nrows = 1 + (len(shown) + ncols - 1) // ncols if shown else 1
     fig = plt.figure(figsize=(4 * ncols, 3.6 * nrows))
     fixed = _normalise(_middle_slice(result.fixed.array))
+    # Candidates other than the winner stay on the scoring grid (scoring.grid_mm).
+    scored_on = coarsened(result.fixed, result.table.scoring.grid_mm) if result.table is not None else result.fixed
+    fixed_scored = _normalise(_middle_slice(scored_on.array))
     for i, cand in enumerate(shown):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        ax.imshow(checkerboard(fixed, _normalise(_middle_slice(cand.warped.array))), cmap="gray",
+        under = fixed if cand.warped.array.shape == result.fixed.array.shape else fixed_scored
+        ax.imshow(checkerboard(under, _normalise(_middle_slice(cand.warped.array))), cmap="gray",
                   origin="lower")
         mark = " ★" if cand is result.best else ""
         ax.set_title(f"{cand.name}{mark}\nscore {cand.score:.3f} ({cand.status})", fontsize=9)

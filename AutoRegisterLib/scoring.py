@@ -33,7 +33,10 @@ class ScoringSettings:
     """How candidates are scored; defaults are the evidence-backed design of ../shared/SCORING.md."""
 
     metric: str = "lncc"  # LNCC² over (valid ∩ head) × head coverage
-    window_voxels: int = 5
+    window_voxels: int = 5  # in voxels of the scoring grid
+    # Scores are taken on the fixed grid coarsened to voxels of at least this many mm (0: the fixed grid
+    # itself), so the window is physical and a score's cost does not grow with the input's voxel count.
+    grid_mm: float = 0.0
     head_mask: str = "auto"  # "auto" (threshold + largest component) or "none" (whole fixed grid)
     coverage_weight: bool = True
     min_coverage: float = 0.5

@@ -157,7 +157,8 @@ def test_racing_continues_only_the_best_coarse_results_at_full_resolution(rigid_
     assert all(started.count(n) == 2 for n in kept) and all(started.count(n) <= 2 for n in names)
     assert result.best.name in kept
     assert point_error_mm(case, result.best.transform, head_mask(case.fixed, "T1")) < 1.5
-    assert result.to_dict()["inputs"]["racing"] == {"coarse_shrink": 2, "keep": 2, "full_resolution": []}
+    assert result.to_dict()["inputs"]["racing"] == {"coarse_shrink": 2, "keep": 2, "full_resolution": [],
+                                                   "coarse_mm": 0.0}
 
 
 def test_a_full_resolution_preset_skips_the_coarse_round_and_is_always_kept(rigid_case4, tmp_path):

@@ -191,8 +191,9 @@ def test_switching_presets_off_keeps_the_table_valid(tmp_path):
 
 
 def test_the_racing_schedule_is_a_frozen_value_with_the_tables_json_form():
-    schedule = RacingSchedule(coarse_shrink=2, keep=1, full_resolution=["elastix-bspline"])
-    assert schedule.to_dict() == {"coarse_shrink": 2, "keep": 1, "full_resolution": ["elastix-bspline"]}
+    schedule = RacingSchedule(coarse_shrink=2, keep=1, full_resolution=["elastix-bspline"], coarse_mm=3.0)
+    assert schedule.to_dict() == {"coarse_shrink": 2, "keep": 1, "full_resolution": ["elastix-bspline"],
+                                  "coarse_mm": 3.0}
     with pytest.raises(dataclasses.FrozenInstanceError):
         schedule.keep = 3
     # Code that builds a table with the JSON form (e.g. a benchmark's own schedule) gets the schedule.

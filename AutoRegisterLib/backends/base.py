@@ -23,22 +23,29 @@ TRANSFORM_TYPES = ("rigid", "affine", "deformable")
 
 @dataclass(frozen=True)
 class Preset:
-    """A named registration recipe: which backend, what kind of transform, and backend parameters."""
+    """A named registration recipe: which backend, what kind of transform, and backend parameters.
+
+    `grid_mm` sizes its finest stage physically: it registers copies of the images coarsened to voxels of at
+    least `grid_mm` along each axis (0: the input's own grid). Its transform, being physical, applies to the
+    inputs as they are.
+    """
 
     name: str
     backend: str
     transform_type: str
     params: dict = field(default_factory=dict)
+    grid_mm: float = 0.0
 
     def to_dict(self) -> dict:
         """Plain-data form, for JSON and for passing to worker processes."""
         return {"name": self.name, "backend": self.backend, "transform_type": self.transform_type,
-                "params": dict(self.params)}
+                "params": dict(self.params), "grid_mm": self.grid_mm}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preset:
         """Inverse of `to_dict` (validation of user tables happens in `presets.py`)."""
-        return cls(d["name"], d["backend"], d["transform_type"], dict(d.get("params", {})))
+        return cls(d["name"], d["backend"], d["transform_type"], dict(d.get("params", {})),
+                   float(d.get("grid_mm", 0.0)))
 
 
 @dataclass
