@@ -51,7 +51,7 @@ def test_importing_the_backends_package_imports_no_registration_toolkit():
 
 
 def test_registry_names_every_backend_and_reports_each_one_with_a_reason():
-    assert set(BACKEND_NAMES) == {"ants", "elastix", "brainsfit", "sitk"}
+    assert set(BACKEND_NAMES) == {"ants", "elastix", "brainsfit", "sitk", "greedy"}
     report = availability_report()
     assert set(report) == set(BACKEND_NAMES)
     assert report["sitk"] == (True, "")

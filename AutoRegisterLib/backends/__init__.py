@@ -1,7 +1,7 @@
 """Registration backends, one module each, behind the interface in `base.py`.
 
 Importing this package imports no registration toolkit: each backend module imports its toolkit
-(antspyx, itk-elastix) inside its functions, so a missing toolkit only makes its presets unavailable.
+(antspyx, itk-elastix, picsl_greedy) inside its functions, so a missing toolkit only makes its presets unavailable.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ _REGISTRY = {
     "elastix": ("elastix", "ElastixBackend"),
     "brainsfit": ("brainsfit", "BrainsFitBackend"),
     "sitk": ("simpleitk", "SimpleITKBackend"),
+    "greedy": ("greedy", "GreedyBackend"),
 }
 BACKEND_NAMES = tuple(_REGISTRY)
 
@@ -25,7 +26,7 @@ __all__ = ["BACKEND_NAMES", "Backend", "Preset", "RegistrationOutput", "availabi
 
 
 def get_backend(name: str) -> Backend:
-    """Return a fresh backend instance by name (ants, elastix, brainsfit, sitk)."""
+    """Return a fresh backend instance by name (ants, elastix, brainsfit, sitk, greedy)."""
     if name not in _REGISTRY:
         raise InputError(f"unknown backend {name!r}; known backends: {', '.join(BACKEND_NAMES)}")
     module_name, class_name = _REGISTRY[name]
