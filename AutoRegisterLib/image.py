@@ -351,13 +351,13 @@ def shrink(image: Image, factor: int) -> Image:
     return from_sitk(sitk.BinShrink(to_sitk(image, np.float32), factors))
 
 
-def coarsened(image: Image, spacing_mm: float) -> Image:
-    """`image` on a grid whose voxels are at least `spacing_mm` along each axis, over the same extent
-    (axes already that coarse are kept), smoothed first so the coarse grid is not aliased."""
+def coarsened(image: Image, spacing_mm) -> Image:
+    """`image` on a grid whose voxels are at least `spacing_mm` (a number, or one per axis x, y(, z)) along
+    each axis, over the same extent (axes already that coarse are kept), smoothed first so it is not aliased."""
     import SimpleITK as sitk
 
     old = np.asarray(image.spacing_mm)
-    new = np.maximum(old, float(spacing_mm))
+    new = np.maximum(old, np.asarray(spacing_mm, dtype=np.float64))
     if np.allclose(new, old):
         return image
     size = np.maximum(1, np.round(np.asarray(image.size) * old / new)).astype(int)

@@ -9,7 +9,7 @@ fixed grid and returned as a DisplacementFieldTransform.
 Params (all optional; names follow ``ants.registration``):
 
 - ``type_of_transform``: ``Rigid``, ``Affine`` (linear presets) or ``SyN``, ``SyNRA``, ``SyNOnly``,
-  ``ElasticSyN`` (deformable); default from the preset's transform_type. antspyx's default SyN
+  ``ElasticSyN``, ``antsRegistrationSyNQuick[s]`` (deformable); default from the preset's transform_type. antspyx's default SyN
   optimises Mattes MI (``syn_metric``), not CC.
 - ``aff_metric``: ``mattes``, ``GC`` or ``meansquares`` (default ``mattes``)
 - ``aff_sampling``: histogram bins / radius of the linear metric (default 32)
@@ -55,7 +55,9 @@ DEFAULTS = {
     "random_seed": 17,
 }
 LINEAR = {"rigid": ("Rigid",), "affine": ("Affine",)}
-DEFORMABLE = ("SyN", "SyNRA", "SyNOnly", "ElasticSyN")
+# antsRegistrationSyNQuick[s]: ANTs' own quick rigid + affine + SyN script defaults (its own metrics and
+# schedule; the aff_* / syn_* params do not apply): what a user running ANTs by hand gets.
+DEFORMABLE = ("SyN", "SyNRA", "SyNOnly", "ElasticSyN", "antsRegistrationSyNQuick[s]")
 CHOICES = {
     "type_of_transform": ("",) + LINEAR["rigid"] + LINEAR["affine"] + DEFORMABLE,
     "aff_metric": ("mattes", "GC", "meansquares"),
