@@ -2,13 +2,15 @@
 
 The T2 is moved by a known rigid + smooth nonlinear transform; the demo registers it back with the
 same `auto_register` the button uses, then prints every candidate's true error (mean point error over
-the whole head, and CerebrA label Dice), the winner, and how the run's wall time compares with the
-slowest preset run alone.
+the whole head, and CerebrA label Dice), the winner, and how the run's wall time compares with what a
+user already has: elastix's own default maps (rigid, affine, B-spline) run by hand, timed in the same
+run, and each preset run alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--jobs", type=int)
     p.add_argument("--skip-alone", action="store_true", help="do not time the slowest preset alone")
+    p.add_argument("--skip-reference", action="store_true", help="do not run elastix's default maps by hand")
     args = p.parse_args(argv)
 
     out = Path(args.out)
@@ -45,6 +48,7 @@ def main(argv=None) -> int:
     print(f"{case.description} at {args.spacing_mm:g} mm; mean error before registration "
           f"{initial_error_mm(case, head):.2f} mm over the head")
 
+    print(brainsfit_note())
     bar = ProgressBar()
     result = auto_register(fixed_path, moving_path, fixed_modality="T1", moving_modality="T2", jobs=args.jobs,
                            progress=bar)
@@ -63,7 +67,8 @@ def main(argv=None) -> int:
         oracle = min(truth, key=lambda n: truth[n]["err_mm"])
         print(f"winner {result.best.name}: {best_err:.2f} mm over the head, Dice {truth[result.best.name]['dice']:.3f}; "
               f"best of the race {oracle}: {truth[oracle]['err_mm']:.2f} mm")
-        checks.append(("winner's head error <= 1.2 mm", best_err <= 1.2))
+        if args.spacing_mm == 2.0:  # the bar measured for the 2 mm case
+            checks.append(("winner's head error <= 1.2 mm", best_err <= 1.2))
     score_s = sum(c.score_seconds or 0.0 for c in result.candidates)
     print(f"scoring took {score_s:.2f} s of {result.wall_seconds:.1f} s ({100 * score_s / result.wall_seconds:.1f}%); "
           f"loading the scorer took {result.scorer_setup_seconds:.1f} s on a thread while the workers started")
@@ -101,11 +106,48 @@ def main(argv=None) -> int:
               f"preset alone ({slowest})")
         checks.append(("one click <= 1.5x the slowest preset alone", result.wall_seconds <= 1.5 * alone[slowest]))
 
+    if not args.skip_reference:
+        ref_s, ref_err = reference_elastix(case, head, out / "reference")
+        print(f"reference: elastix's default maps (rigid, affine, B-spline) by hand, {os.cpu_count()} threads, "
+              f"toolkit loaded beforehand: {ref_s:.1f} s, {ref_err:.2f} mm over the head")
+        print(f"one click took {result.wall_seconds:.1f} s = {result.wall_seconds / ref_s:.2f}x the reference")
+        checks.append(("one click <= 1.5x the reference elastix run", result.wall_seconds <= 1.5 * ref_s))
+        if result.best is not None:
+            checks.append(("winner's head error <= the reference's + 0.1 mm",
+                           truth[result.best.name]["err_mm"] <= ref_err + 0.1))
+
     print(f"report: {out / 'registration' / 'report.png'}")
     for name, ok in checks:
         print(f"  [{'ok' if ok else 'FAIL'}] {name}")
     # The checks are measurements to read, not a verdict on the run: a kept result is a successful demo.
     return 0 if result.best is not None else 3
+
+
+def brainsfit_note() -> str:
+    """Whether the BRAINSFit presets can race here, and why not when they cannot."""
+    from AutoRegisterLib.backends import get_backend
+
+    ok, reason = get_backend("brainsfit").availability()
+    return "BRAINSFit: available" if ok else f"BRAINSFit: unavailable, its presets are left out ({reason})"
+
+
+def reference_elastix(case, head, workdir: Path) -> tuple[float, float]:
+    """Elastix's default maps run by hand on the case (itk-elastix in this process, every core, the
+    toolkit loaded first so its load is not timed): (seconds, mean head error in mm)."""
+    import itk
+
+    from AutoRegisterLib.backends import get_backend
+    from AutoRegisterLib.presets import load_catalog
+
+    from .data import point_error_mm
+
+    itk.ParameterObject.New()  # loading itk-elastix takes ~8 s; in a user's open session it is loaded
+    preset = load_catalog()["elastix-defaults"]
+    backend = get_backend(preset.backend)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    transform = backend.estimate(preset, case.fixed, case.moving, workdir, os.cpu_count() or 1)
+    return time.perf_counter() - t0, point_error_mm(case, transform, head)
 
 
 if __name__ == "__main__":
