@@ -284,7 +284,12 @@ def run_truth_case(name, case, fm, mm, table, args) -> dict:
         truth = candidate_truth(case, cand.transform, head) if cand.transform is not None else rec["initial"]
         rec.setdefault("defaults", {})[name] = {"wall_seconds": wall, "status": cand.status, **truth}
     if args.reference:
-        rec["reference_seconds"], _ = reference_elastix(case, head, Path(tempfile.mkdtemp(prefix="reference-")))
+        # Elastix's default maps by hand: the click's time reference, and one of the default pipelines.
+        with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+            seconds, transform = reference_elastix(case, Path(tmp))
+        rec["reference_seconds"] = seconds
+        rec.setdefault("defaults", {})["elastix-defaults (by hand)"] = {
+            "wall_seconds": seconds, "status": "ok", **candidate_truth(case, transform, head)}
     if args.racing:
         rounds = []
         t0 = time.perf_counter()
@@ -593,6 +598,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-plain", action="store_true",
                     help="no plain race (every preset at once): its choice is re-scored from the presets alone")
     ap.add_argument("--classes", default=",".join(CLASSES), help="misalignment classes to run")
+    ap.add_argument("--pairs", default="", help="modality pairs to run, e.g. 'T2->T1,T2 thick->T1' (default: all)")
     ap.add_argument("--thick-mm", type=float, default=0.0,
                     help="also T2 -> T1 cases whose moving series has slices this thick (z), per class")
     ap.add_argument("--defaults", default="",
@@ -639,6 +645,8 @@ def main(argv=None) -> int:
                     continue
                 for pi, (pair, (source, mm, _)) in enumerate(pairs.items()):
                     seed = args.seed * 10000 + k * 100 + ci * 10 + pi
+                    if args.pairs and pair not in args.pairs.split(","):
+                        continue
                     case = make_case(sources[source], t1, seed, fixed_labels=labels, **misalignment)
                     name = f"{pair} {cls} #{k}"
                     if pair == "T2 thick->T1":
