@@ -97,5 +97,8 @@ def test_the_wheel_carries_the_tables_and_registers_from_outside_the_checkout(wh
     assert result["table"]["name"] == "T1_to_T1"
     assert Path(result["table"]["source"]).is_relative_to(purelib)
     statuses = {c["name"]: c["status"] for c in result["candidates"]}
-    assert statuses.get("sitk-rigid") == "ok", statuses
+    # Eliminated in the coarse round still means a worker ran it from the wheel and it was scored.
+    assert statuses.get("sitk-rigid") in ("ok", "eliminated"), statuses
+    assert next(c for c in result["candidates"] if c["name"] == "sitk-rigid")["score"] > 0
+    assert "ok" in statuses.values()
     assert any(p.name.startswith("transform.") for p in (elsewhere / "out").iterdir())
