@@ -123,10 +123,10 @@ class _Round:
 
     def _images_for(self, preset: Preset, workdir: Path) -> tuple[Path, Path]:
         """The image files `preset` registers: this round's images on its working grid, written once per grid."""
-        fixed = coarsened(self.fixed, preset.grid_mm)
-        key = fixed.spacing_mm
+        # The grid's spacing is known without coarsening: a grid already written costs nothing more.
+        key = tuple(max(s, preset.grid_mm) for s in self.fixed.spacing_mm)
         if key not in self._written:
-            moving = coarsened(self.moving, preset.grid_mm)
+            fixed, moving = coarsened(self.fixed, preset.grid_mm), coarsened(self.moving, preset.grid_mm)
             workdir.mkdir(parents=True, exist_ok=True)
             tag = "" if fixed is self.fixed else f"-{'x'.join(f'{s:g}' for s in key)}mm"
             paths = workdir / f"fixed{tag}.mha", workdir / f"moving{tag}.mha"
