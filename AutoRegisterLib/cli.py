@@ -55,6 +55,8 @@ def build_parser() -> Parser:
                    help="write progress events as JSON lines on stdout (for the Slicer module)")
     p.add_argument("--cancel-file", help="cancel the run (exit 130, nothing written) once this file exists")
     p.add_argument("--work-dir", help="folder for the run's temporary files (default: the system's)")
+    p.add_argument("--no-pose-search", action="store_true",
+                   help="start every preset from the headers' pose (default: race starting poses first)")
     return p
 
 
@@ -162,7 +164,7 @@ def register_main(argv) -> int:
                 fixed, moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
                 table=args.table, presets=args.presets, jobs=args.jobs, timeout_s=args.timeout,
                 device=args.device, progress=progress, memory_limit_mb=args.memory_limit_mb, cancel=cancel,
-                work_dir=args.work_dir)
+                work_dir=args.work_dir, pose_search=not args.no_pose_search)
         finally:
             if bar is not None:
                 bar.close()
@@ -180,6 +182,9 @@ def register_main(argv) -> int:
     if not args.quiet and not args.progress_json:
         print(format_table(result))
         print(f"outputs in {args.out}")
+    if not args.progress_json:
+        for warning in result.warnings:  # also with --quiet: a far pose or a mirror image must be seen
+            print(f"autoregister: warning: {warning}", file=sys.stderr)
     if result.best is None:
         return _finish(args, ExitCode.NO_RESULT, "autoregister: no preset succeeded; see result.json for the reasons")
     return _finish(args, ExitCode.OK, None)

@@ -7,6 +7,8 @@ Progress events are dicts, one JSON object per line on the engine's stdout with 
 
 - ``{"event": "hello", "pid": P, "version": V, "library": ROOT}``: always first; P is the engine's own pid
   (not a launcher's), ROOT the folder the engine imported AutoRegisterLib from;
+- ``{"event": "pose", "status": "start"}`` and ``{"event": "pose", "status": "done", "applied": BOOL,
+  "seconds": S}``: the pose search (`pose.py`), before any preset starts;
 - ``{"event": "start", "candidate": NAME, "pid": WORKER_PID, "threads": N, "fraction": F}``;
 - ``{"event": "finish", "candidate": NAME, "status": STATUS, "fraction": F}``;
 - ``{"event": "score", "candidate": NAME, "status": STATUS, "score": S}``;
@@ -20,7 +22,7 @@ import json
 from enum import Enum, IntEnum
 
 #: Every event name, in the order a run produces them.
-EVENTS = ("hello", "start", "finish", "score", "round", "done")
+EVENTS = ("hello", "pose", "start", "finish", "score", "round", "done")
 #: Where scores are computed: the best available, or as the user asks (``--device``, the Slicer combo).
 DEVICES = ("auto", "cpu", "cuda")
 

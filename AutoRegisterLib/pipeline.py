@@ -15,6 +15,7 @@ from .errors import Cancelled, InputError
 from .events import Status, is_cancelled
 from .image import Image, as_image, prepare_input
 from .modality import modality_or_guess
+from .pose import PoseSettings, posed, search_pose, with_pose
 from .presets import Table, table_from_presets
 from .presets import resolve_table as presets_resolve_table
 from .race import effective_schedule, ranked, run_race
@@ -40,7 +41,7 @@ def resolve_table(fixed: Image, moving: Image, fixed_modality, moving_modality, 
 def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_modality: str | None = None,
                   table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
                   device: str = "auto", progress=None, cancel=None, threads_per_job: int | None = None,
-                  memory_limit_mb: int | None = None, work_dir=None) -> RegistrationResult:
+                  memory_limit_mb: int | None = None, work_dir=None, pose_search=True) -> RegistrationResult:
     """Run every preset of the table for this modality pair, score each, and return all with the best.
 
     `fixed`/`moving` are paths, SimpleITK/ITK/ANTs images or `Image`s; their modalities (T1, T2, FLAIR,
@@ -53,7 +54,9 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     the best ``keep`` at full resolution. `memory_limit_mb` caps each worker's address space (posix; ANTs
     needs about 1500 MB just to load). `work_dir` is where the run's temporary folder goes (default: the
     system's temporary folder); the engine client puts it inside its run folder, so removing that folder
-    cleans up even after a kill.
+    cleans up even after a kill. `pose_search` (True, False or a `pose.PoseSettings`) first races starting
+    poses (`pose.search_pose`): when a far pose scores clearly better than the header, every preset starts
+    from it, the candidates' transforms include it, and `warnings` say so.
 
     Nothing is written: `report.write_outputs(result, out_dir)` writes the outputs. Raises InputError for
     bad input and when torch (needed to score) is not installed, before any worker starts, and Cancelled
@@ -89,12 +92,26 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     schedule = effective_schedule(chosen.racing, runnable)
     if is_cancelled(cancel):
         raise Cancelled("registration cancelled")
+    pose = None
+    if pose_search is not False and fixed_f.dimension == 3:
+        progress_cb = progress or (lambda event: None)
+        progress_cb({"event": "pose", "status": "start"})
+        pose = search_pose(fixed_f, moving_f, fixed_modality, moving_modality,
+                           pose_search if isinstance(pose_search, PoseSettings) else None, cancel=cancel)
+        progress_cb({"event": "pose", "status": "done", "applied": pose.transform is not None,
+                     "seconds": pose.seconds})
+    race_moving = posed(moving_f, pose.transform) if pose is not None and pose.transform is not None else moving_f
     scored_on, setup_seconds = run_race(
-        fixed_f, moving_f, fixed_modality, chosen.scoring, runnable, candidates, schedule, device=device,
+        fixed_f, race_moving, fixed_modality, chosen.scoring, runnable, candidates, schedule, device=device,
         jobs=jobs, cores=ncores, timeout_s=timeout_s, progress=progress or (lambda event: None), cancel=cancel,
-        memory_limit_mb=memory_limit_mb, threads_per_job=threads_per_job, work_dir=work_dir)
+        memory_limit_mb=memory_limit_mb, threads_per_job=threads_per_job, work_dir=work_dir,
+        moving_modality=moving_modality)
 
     ordered = [candidates[p.name] for p in chosen.presets]
+    if race_moving is not moving_f:
+        for cand in ordered:  # the presets registered the posed image: their transforms start with the pose
+            if cand.transform is not None:
+                cand.transform = with_pose(cand.transform, pose.transform)
     best = ranked(ordered, chosen.scoring)
     if best and best[0].warped is not None and best[0].warped.spacing_mm != fixed_f.spacing_mm:
         # Scored on the coarser scoring grid: the winner's output image is on the fixed image's own grid.
@@ -105,6 +122,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         inputs={"fixed": _described(fixed), "moving": _described(moving), "device": scored_on or device,
                 "jobs": jobs, "racing": schedule.to_dict() if schedule is not None else None},
         scorer_setup_seconds=setup_seconds, wall_seconds=time.perf_counter() - wall_start,
+        pose=pose.to_dict() if pose is not None else {}, warnings=list(pose.warnings) if pose is not None else [],
     )
 
 

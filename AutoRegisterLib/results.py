@@ -93,6 +93,10 @@ class RegistrationResult:
     scorer_setup_seconds: float = 0.0
     #: Taken when the run ends (the toolkits it loaded are loaded by then).
     versions: dict = field(default_factory=runtime_versions)
+    #: The pose search's outcome (`pose.Pose.to_dict`): {} when it did not run.
+    pose: dict = field(default_factory=dict)
+    #: What the user should know about this result, one sentence each (a far pose, a mirror image, ...).
+    warnings: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The JSON form written to result.json."""
@@ -108,6 +112,8 @@ class RegistrationResult:
             "wall_seconds": self.wall_seconds,
             "scorer_setup_seconds": self.scorer_setup_seconds,
             "versions": self.versions,
+            "pose": self.pose,
+            "warnings": list(self.warnings),
         }
 
     @classmethod
@@ -129,7 +135,8 @@ class RegistrationResult:
                    fixed=None, moving=None, fixed_modality=d.get("fixed_modality", ""),
                    moving_modality=d.get("moving_modality", ""), table=table,
                    wall_seconds=d.get("wall_seconds", 0.0), inputs=dict(d.get("inputs") or {}),
-                   scorer_setup_seconds=d.get("scorer_setup_seconds", 0.0), versions=dict(d.get("versions") or {}))
+                   scorer_setup_seconds=d.get("scorer_setup_seconds", 0.0), versions=dict(d.get("versions") or {}),
+                   pose=dict(d.get("pose") or {}), warnings=list(d.get("warnings") or []))
 
 
 @dataclass
