@@ -97,9 +97,12 @@ class _Round:
     """One round of the race: every preset on one pair of images, each result warped and scored here."""
 
     def __init__(self, fixed: Image, moving: Image, fixed_modality: str, settings: ScoringSettings,
-                 setup: _ScorerSetup, candidates: dict[str, Candidate], progress, threads=lambda: 1):
+                 setup: _ScorerSetup, candidates: dict[str, Candidate], progress, threads=lambda: 1,
+                 moving_modality: str | None = None):
         """`threads()` says how many threads scoring may use when a result arrives."""
         self.fixed, self.moving, self.fixed_modality = fixed, moving, fixed_modality
+        self.moving_modality = moving_modality
+        self.coverable = 1.0  # set with the scoring images (`scoring.coverable_fraction`)
         self.settings, self.setup, self.threads = settings, setup, threads
         self.candidates, self.progress = candidates, progress
         self.made = 0
@@ -111,13 +114,15 @@ class _Round:
     def scoring_images(self) -> tuple[Image, Image, np.ndarray]:
         """The fixed and moving images on the scoring grid (``grid_mm``) and the fixed head mask there (the
         whole grid with ``head_mask: none``); made once, on the scorer's loading thread when it gets there first."""
-        from .scoring import head_mask
+        from .scoring import coverable_fraction, head_mask
 
         with self._scoring_lock:
             if self._scoring is None:
                 fixed, moving = coarsened(self.fixed, self.settings.grid_mm), coarsened(self.moving, self.settings.grid_mm)
                 head = (np.ones(fixed.array.shape, bool) if self.settings.head_mask == "none"
                         else head_mask(fixed, self.fixed_modality))
+                if self.settings.head_mask != "none":
+                    self.coverable = coverable_fraction(fixed, head, moving, self.moving_modality)
                 self._scoring = (fixed, moving, head)
             return self._scoring
 
@@ -167,7 +172,8 @@ class _Round:
                 fixed, moving, head = self.scoring_images()
                 out = warp_with(cand.transform, fixed, moving)
                 measures = score_candidate(fixed, out.warped, out.valid_mask, head, self.settings,
-                                           cand.transform, device=device, transform_type=cand.transform_type)
+                                           cand.transform, device=device, transform_type=cand.transform_type,
+                                           coverable=self.coverable)
         except Cancelled:
             raise
         except Exception as exc:  # scoring one candidate must not end the others
@@ -225,7 +231,7 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], sc
         return coarsened(shrink(image, schedule.coarse_shrink), schedule.coarse_mm)
 
     coarse = _Round(coarse_copy(full.fixed), coarse_copy(full.moving), fixed_modality, full.settings, full.setup,
-                    coarse_results, progress, full.threads)
+                    coarse_results, progress, full.threads, full.moving_modality)
     by_name = {p.name: p for p in raced}
     started: list[str] = []
     kept: list[str] | None = None  # the final best `keep`, once every coarse run has ended
@@ -259,7 +265,8 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], sc
 def run_race(fixed: Image, moving: Image, fixed_modality: str, settings: ScoringSettings, presets: list[Preset],
              candidates: dict[str, Candidate], schedule: RacingSchedule | None, *, device: str, jobs: int,
              cores: int, timeout_s: float | None, progress, cancel, memory_limit_mb: int | None,
-             threads_per_job: int | None, work_dir=None) -> tuple[str | None, float]:
+             threads_per_job: int | None, work_dir=None, moving_modality: str | None = None
+             ) -> tuple[str | None, float]:
     """Race `presets` on the prepared images and fill in their `candidates` (a dict by name, whose
     eliminated entries are replaced); return the device scores ran on (None when the scorer never
     loaded) and the seconds loading the scorer took.
@@ -276,7 +283,7 @@ def run_race(fixed: Image, moving: Image, fixed_modality: str, settings: Scoring
             with Runner(jobs, timeout_s, tmp / "workers", progress, cancel, memory_limit_mb, threads_per_job,
                         cores) as runner:
                 full = _Round(fixed, moving, fixed_modality, settings, setup, candidates, progress,
-                              runner.free_cores)
+                              runner.free_cores, moving_modality)
                 setup.start()
                 if schedule is not None:
                     _race_coarse_to_fine(runner, full, presets, schedule, fixed_modality, tmp, progress)

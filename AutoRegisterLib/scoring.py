@@ -151,12 +151,32 @@ def head_mask(fixed: Image, modality: str | None = None) -> np.ndarray:
     return mask
 
 
+#: A moving image whose foreground is smaller than this share of the fixed head is a partial field of view.
+PARTIAL_FOV = 0.8
+
+
+def coverable_fraction(fixed: Image, head: np.ndarray, moving: Image, moving_modality: str | None = None) -> float:
+    """The share of the fixed head the moving image could cover at best: its foreground's volume over the
+    head's (1.0 unless below `PARTIAL_FOV`, so whole heads are judged as before).
+
+    Coverage is judged against it, so a slab or a limited-FOV CT that lies inside the head is not refused,
+    while a transform that slides part of it off the head still loses coverage. Volumes do not depend on
+    the pose, so no transform can change this number.
+    """
+    head_ml = float(head.sum()) * float(np.prod(fixed.spacing_mm))
+    moving_ml = float(head_mask(moving, moving_modality).sum()) * float(np.prod(moving.spacing_mm))
+    share = moving_ml / head_ml if head_ml else 1.0
+    return 1.0 if share >= PARTIAL_FOV else max(share, 1e-3)
+
+
 def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.ndarray,
                     settings: ScoringSettings, transform=None, device: str = "cpu",
-                    transform_type: str | None = None) -> dict:
+                    transform_type: str | None = None, coverable: float = 1.0) -> dict:
     """All measures of one candidate, and why it is disqualified (None when it is not).
 
     `transform_type` (rigid, affine, deformable) sets the complexity penalty; None means no penalty.
+    `coverable` is the share of the head the moving image could cover (`coverable_fraction`): coverage is
+    the covered share of that.
     """
     from .similarity import lncc, mutual_information, zncc, zncc_map
 
@@ -166,7 +186,7 @@ def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.nda
     head = head & np.isfinite(f)
     region = valid & head & finite
     head_voxels = int(head.sum())
-    coverage = float(region.sum()) / head_voxels if head_voxels else 0.0
+    coverage = min(1.0, float(region.sum()) / (head_voxels * coverable)) if head_voxels else 0.0
     out = {"coverage": coverage, "lncc": 0.0, "zncc": 0.0, "zncc_local": 0.0, "mi": 0.0,
            "folding_fraction": 0.0, "min_jacobian": 1.0, "score": 0.0, "disqualified": None}
     if region.sum() < 8:
