@@ -175,8 +175,8 @@ def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.nda
     """All measures of one candidate, and why it is disqualified (None when it is not).
 
     `transform_type` (rigid, affine, deformable) sets the complexity penalty; None means no penalty.
-    `coverable` is the share of the head the moving image could cover (`coverable_fraction`): coverage is
-    the covered share of that.
+    `coverable` is the share of the head the moving image could cover (`coverable_fraction`): the reported
+    coverage, and the minimum-coverage veto, are the covered share of that.
     """
     from .similarity import lncc, mutual_information, zncc, zncc_map
 
@@ -186,7 +186,11 @@ def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.nda
     head = head & np.isfinite(f)
     region = valid & head & finite
     head_voxels = int(head.sum())
-    coverage = min(1.0, float(region.sum()) / (head_voxels * coverable)) if head_voxels else 0.0
+    covered = float(region.sum()) / head_voxels if head_voxels else 0.0
+    # Ranked by the covered share of the head itself (dividing by a constant would change no ranking, and
+    # capping it would let a transform that blanks part of a slab go unpunished); vetoed and reported as the
+    # share of what the moving image could cover.
+    coverage = min(1.0, covered / coverable)
     out = {"coverage": coverage, "lncc": 0.0, "zncc": 0.0, "zncc_local": 0.0, "mi": 0.0,
            "folding_fraction": 0.0, "min_jacobian": 1.0, "score": 0.0, "disqualified": None}
     if region.sum() < 8:
@@ -203,7 +207,7 @@ def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.nda
     out["zncc_local"] = float(zncc_map(f, m, window=w, mask=mask, reduction="mean"))
     out["zncc"] = float(zncc(f, m, mask=mask))
     out["mi"] = float(mutual_information(f.cpu().numpy(), m.cpu().numpy(), mask=region))
-    out["score"] = combined_score(out["lncc"] if settings.metric == "lncc" else out["mi"], coverage,
+    out["score"] = combined_score(out["lncc"] if settings.metric == "lncc" else out["mi"], covered,
                                   transform_type, settings)
     det = jacobian_determinant(transform, fixed, head) if transform is not None else np.ones(1)
     out["folding_fraction"] = float((det <= 0).mean()) if det.size else 0.0

@@ -154,3 +154,46 @@ def test_flexibility_must_earn_its_keep():
     assert choose_best(entries, SETTINGS) == 0
     assert combined_score(0.5, 0.8, "affine", ScoringSettings(complexity_penalty=0.0)) == pytest.approx(0.4)
     assert combined_score(0.5, 0.8, "affine", SETTINGS) == pytest.approx(0.4 * 0.97)
+
+
+def _slab(case, thickness_mm: float = 40.0):
+    """The case's moving image cut to an axial slab through the head's middle (a partial field of view)."""
+    m = case.moving
+    nz = int(round(thickness_mm / m.spacing_mm[2]))
+    z0 = m.array.shape[0] // 2 - nz // 2
+    origin = m.physical_points(np.array([[0.0, 0.0, float(z0)]]))[0]
+    return Image(np.ascontiguousarray(m.array[z0:z0 + nz]), m.spacing_mm, tuple(origin), m.direction)
+
+
+def test_a_slab_inside_the_head_is_judged_against_what_it_could_cover(rigid_case4):
+    """A 40 mm slab covers about a quarter of the head: judged against that it passes, and overlap gaming
+    (blanking its worst-matching 30 %) or sliding it half off the head still loses (../shared/SCORING.md)."""
+    from AutoRegisterLib.scoring import coverable_fraction
+    from AutoRegisterLib.similarity import lncc
+
+    case = rigid_case4
+    head = head_mask(case.fixed, "T1")
+    assert coverable_fraction(case.fixed, head, case.moving, "T2") == 1.0  # a whole head: as before
+    slab = _slab(case)
+    coverable = coverable_fraction(case.fixed, head, slab, "T2")
+    assert 0.1 < coverable < 0.5
+    truth = case.truth.GetInverse()
+    out = warp_with(truth, case.fixed, slab)
+    unaware = score_candidate(case.fixed, out.warped, out.valid_mask, head, SETTINGS, truth)
+    assert "covers" in unaware["disqualified"]  # what the button did before: a legitimate slab refused
+    honest = score_candidate(case.fixed, out.warped, out.valid_mask, head, SETTINGS, truth, coverable=coverable)
+    assert honest["disqualified"] is None and honest["coverage"] > 0.8
+
+    local = lncc(case.fixed.array, out.warped.array, window=5, mask=(out.valid_mask & head).astype(np.float32),
+                 reduction="none").numpy()
+    region = out.valid_mask & head
+    gamed_valid = region & (local > np.quantile(local[region], 0.3))
+    gamed = score_candidate(case.fixed, out.warped, gamed_valid, head, SETTINGS, truth, coverable=coverable)
+    assert gamed["score"] < honest["score"]
+
+    slid = sitk.CompositeTransform([truth, sitk.TranslationTransform(3, (0.0, 0.0, 20.0))])
+    off = warp_with(slid, case.fixed, slab)
+    half_off = score_candidate(case.fixed, off.warped, off.valid_mask, head, SETTINGS, slid,
+                               coverable=coverable)
+    assert half_off["coverage"] < honest["coverage"]
+    assert half_off["score"] < honest["score"]
