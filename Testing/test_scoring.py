@@ -191,7 +191,7 @@ def test_a_slab_inside_the_head_is_judged_against_what_it_could_cover(rigid_case
     gamed = score_candidate(case.fixed, out.warped, gamed_valid, head, SETTINGS, truth, coverable=coverable)
     assert gamed["score"] < honest["score"]
 
-    slid = sitk.CompositeTransform([truth, sitk.TranslationTransform(3, (0.0, 0.0, 20.0))])
+    slid = sitk.CompositeTransform([truth, sitk.TranslationTransform(3, (0.0, 0.0, 85.0))])
     off = warp_with(slid, case.fixed, slab)
     half_off = score_candidate(case.fixed, off.warped, off.valid_mask, head, SETTINGS, slid,
                                coverable=coverable)
