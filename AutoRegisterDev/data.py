@@ -183,3 +183,62 @@ def label_dice(case: Case, transform, labels: Image | None = None) -> float:
         if denom:
             dices.append(2.0 * np.logical_and(a, b).sum() / denom)
     return float(np.mean(dices))
+
+
+def head_centre(image: Image, modality: str = "T1") -> np.ndarray:
+    """Centre of the head's foreground (LPS mm)."""
+    from AutoRegisterLib.scoring import head_mask
+
+    head = head_mask(image, modality)
+    return image.physical_points(np.argwhere(head)[:, ::-1].mean(0)[None])[0]
+
+
+def turned(angle_deg: float, axis: int, centre) -> object:
+    """A rotation of `angle_deg` about LPS axis `axis` (0 left-right, 1 front-back, 2 vertical) through `centre`."""
+    import SimpleITK as sitk
+
+    rot = sitk.Euler3DTransform()
+    rot.SetCenter(tuple(float(c) for c in centre))
+    angles = [0.0, 0.0, 0.0]
+    angles[axis] = np.radians(angle_deg)
+    rot.SetRotation(*angles)
+    return rot
+
+
+def rotated_case(source: Image, fixed: Image, axis: int, angle_deg: float, seed: int,
+                 fixed_labels: Image | None = None) -> tuple[Case, object]:
+    """A patient scanned turned by `angle_deg` about `axis`, plus a small random pose (8°, 8 mm): the moving
+    image holds the whole turned head on a cube grid around it. Returns the case and the true start pose
+    (fixed->moving: the turn alone, leaving the small misalignment to the presets)."""
+    import SimpleITK as sitk
+
+    c = head_centre(fixed)
+    side = float(np.linalg.norm(np.array(fixed.size) * np.array(fixed.spacing_mm))) * 0.8
+    n = int(side / fixed.spacing_mm[0])
+    grid = Image(np.zeros((n, n, n), np.uint8), (fixed.spacing_mm[0],) * 3, tuple(c - side / 2), np.eye(3))
+    rot = turned(angle_deg, axis, c)
+    truth = sitk.CompositeTransform([random_misalignment(fixed, seed, rotation_deg=8.0, translation_mm=8.0), rot])
+    moving = resample_to_grid(source, grid, truth, "linear", 0.0)
+    case = Case(fixed, moving, truth, fixed_labels, f"turned {angle_deg:g}° about axis {axis}")
+    return case, rot.GetInverse()
+
+
+def slab_case(source: Image, fixed: Image, thickness_mm: float, seed: int,
+              fixed_labels: Image | None = None) -> Case:
+    """A partial field of view: an axial slab `thickness_mm` thick through the upper brain, inside the head,
+    with a small random pose (8°, 8 mm)."""
+    c = head_centre(fixed)
+    nz = max(1, int(round(thickness_mm / fixed.spacing_mm[2])))
+    origin = np.array(fixed.origin_mm, dtype=float)
+    origin[2] = c[2] + 10.0 - thickness_mm / 2.0
+    grid = Image(np.zeros((nz,) + fixed.array.shape[1:], np.uint8), fixed.spacing_mm, tuple(origin), fixed.direction)
+    truth = random_misalignment(fixed, seed, rotation_deg=8.0, translation_mm=8.0)
+    moving = resample_to_grid(source, grid, truth, "linear", 0.0)
+    return Case(fixed, moving, truth, fixed_labels, f"{thickness_mm:g} mm slab")
+
+
+def covered_by_moving(case: Case, mask: np.ndarray) -> np.ndarray:
+    """The voxels of `mask` (on the fixed grid) whose true position lies inside the moving image."""
+    ones = case.moving.with_array(np.ones(case.moving.array.shape, np.float32))
+    inside = resample_to_grid(ones, case.fixed, case.truth.GetInverse(), "nearest", 0.0).array > 0
+    return mask & inside

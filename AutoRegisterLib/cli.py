@@ -57,6 +57,9 @@ def build_parser() -> Parser:
     p.add_argument("--work-dir", help="folder for the run's temporary files (default: the system's)")
     p.add_argument("--no-pose-search", action="store_true",
                    help="start every preset from the headers' pose (default: race starting poses first)")
+    p.add_argument("--output-grid", default="fixed", choices=("fixed", "union"),
+                   help="warped.nii.gz on the fixed grid (default), or on the fixed grid grown to keep the "
+                        "whole moving extent")
     return p
 
 
@@ -164,7 +167,8 @@ def register_main(argv) -> int:
                 fixed, moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
                 table=args.table, presets=args.presets, jobs=args.jobs, timeout_s=args.timeout,
                 device=args.device, progress=progress, memory_limit_mb=args.memory_limit_mb, cancel=cancel,
-                work_dir=args.work_dir, pose_search=not args.no_pose_search)
+                work_dir=args.work_dir, pose_search=not args.no_pose_search,
+                output_grid=args.output_grid)
         finally:
             if bar is not None:
                 bar.close()

@@ -341,6 +341,43 @@ def resample_to_grid(image: Image, reference: Image, transform=None, interpolato
     return from_sitk(out)
 
 
+def covering_grid(reference: Image, moving: Image, transform, step_mm: float = 4.0) -> Image:
+    """`reference`'s grid (same spacing and axes) grown to hold every point that `transform` (fixed->moving)
+    maps into `moving`: the output grid that keeps the whole moving extent instead of cutting it to the fixed one.
+
+    Found by sampling, so any transform works (a displacement field is zero outside its own grid): the moving
+    domain is resampled onto a padded `step_mm` grid and the box of its samples joins the reference's box.
+    """
+    ref_box = reference.physical_points(np.array(list(np.ndindex(*(2,) * reference.dimension)))
+                                        * (np.array(reference.size) - 1))
+    mov_box = moving.physical_points(np.array(list(np.ndindex(*(2,) * moving.dimension)))
+                                     * (np.array(moving.size) - 1))
+    # In the reference's axes: a search box padded by the moving image's diagonal on each side.
+    axes = reference.direction
+    local = lambda pts: (pts - np.asarray(reference.origin_mm)) @ axes  # noqa: E731
+    ref_local = local(ref_box)
+    pad = float(np.linalg.norm(mov_box.max(0) - mov_box.min(0)))
+    lo, hi = ref_local.min(0) - pad, ref_local.max(0) + pad
+    size = np.maximum(2, np.ceil((hi - lo) / step_mm).astype(int) + 1)
+    probe = Image(np.zeros(tuple(reversed(size.tolist())), np.uint8), (step_mm,) * reference.dimension,
+                  tuple(np.asarray(reference.origin_mm) + axes @ lo), axes)
+    inside = resample_to_grid(moving.with_array(np.ones(moving.array.shape, np.float32)), probe, transform,
+                              "nearest", 0.0).array > 0
+    if inside.any():
+        idx = np.argwhere(inside)[:, ::-1]
+        found = local(probe.physical_points(np.vstack([idx.min(0) - 1, idx.max(0) + 1])))
+        lo, hi = np.minimum(ref_local.min(0), found.min(0)), np.maximum(ref_local.max(0), found.max(0))
+    else:
+        lo, hi = ref_local.min(0), ref_local.max(0)
+    spacing = np.asarray(reference.spacing_mm)
+    # Whole reference voxels on either side, so the reference's own voxels keep their positions.
+    before = np.ceil(np.maximum(0.0, ref_local.min(0) - lo) / spacing)
+    after = np.ceil(np.maximum(0.0, hi - ref_local.max(0)) / spacing)
+    size = (np.array(reference.size) + before + after).astype(int)
+    origin = np.asarray(reference.origin_mm) - axes @ (before * spacing)
+    return Image(np.zeros(tuple(reversed(size.tolist())), np.uint8), reference.spacing_mm, tuple(origin), axes)
+
+
 def shrink(image: Image, factor: int) -> Image:
     """Average `factor`^dim blocks into one voxel (geometry kept consistent); for coarse racing rounds."""
     import SimpleITK as sitk

@@ -13,7 +13,7 @@ import time
 
 from .errors import Cancelled, InputError
 from .events import Status, is_cancelled
-from .image import Image, as_image, prepare_input
+from .image import Image, as_image, covering_grid, prepare_input
 from .modality import modality_or_guess
 from .pose import PoseSettings, posed, search_pose, with_pose
 from .presets import Table, table_from_presets
@@ -24,6 +24,9 @@ from .scoring import pick_device, require_torch
 
 # Re-exported: user code and the Slicer module import the result types from here.
 __all__ = ["Candidate", "RegistrationResult", "auto_register", "resolve_table"]
+
+#: Where the winner's warped image lies: the fixed grid, or that grown to keep the whole moving extent.
+OUTPUT_GRIDS = ("fixed", "union")
 
 
 def resolve_table(fixed: Image, moving: Image, fixed_modality, moving_modality, table,
@@ -41,7 +44,8 @@ def resolve_table(fixed: Image, moving: Image, fixed_modality, moving_modality, 
 def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_modality: str | None = None,
                   table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
                   device: str = "auto", progress=None, cancel=None, threads_per_job: int | None = None,
-                  memory_limit_mb: int | None = None, work_dir=None, pose_search=True) -> RegistrationResult:
+                  memory_limit_mb: int | None = None, work_dir=None, pose_search=True,
+                  output_grid: str = "fixed") -> RegistrationResult:
     """Run every preset of the table for this modality pair, score each, and return all with the best.
 
     `fixed`/`moving` are paths, SimpleITK/ITK/ANTs images or `Image`s; their modalities (T1, T2, FLAIR,
@@ -56,7 +60,9 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     system's temporary folder); the engine client puts it inside its run folder, so removing that folder
     cleans up even after a kill. `pose_search` (True, False or a `pose.PoseSettings`) first races starting
     poses (`pose.search_pose`): when a far pose scores clearly better than the header, every preset starts
-    from it, the candidates' transforms include it, and `warnings` say so.
+    from it, the candidates' transforms include it, and `warnings` say so. `output_grid` is where the winner's
+    warped image (`RegistrationResult.output`) lies: "fixed" (the fixed grid) or "union" (the fixed grid grown
+    to keep the whole moving extent, for a moving image that reaches beyond the fixed one).
 
     Nothing is written: `report.write_outputs(result, out_dir)` writes the outputs. Raises InputError for
     bad input and when torch (needed to score) is not installed, before any worker starts, and Cancelled
@@ -65,6 +71,8 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     from .backends import get_backend, warp_with
 
     wall_start = time.perf_counter()
+    if output_grid not in OUTPUT_GRIDS:
+        raise InputError(f"output grid must be one of {', '.join(OUTPUT_GRIDS)}, got {output_grid!r}")
     if memory_limit_mb is not None and (isinstance(memory_limit_mb, bool) or not int(memory_limit_mb) > 0):
         raise InputError(f"memory limit must be a positive number of MB, got {memory_limit_mb!r}")
     fixed_img = as_image(fixed, "fixed")
@@ -116,13 +124,17 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     if best and best[0].warped is not None and best[0].warped.spacing_mm != fixed_f.spacing_mm:
         # Scored on the coarser scoring grid: the winner's output image is on the fixed image's own grid.
         best[0].warped = warp_with(best[0].transform, fixed_f, moving_f).warped
+    output = None
+    if best and output_grid == "union":
+        output = warp_with(best[0].transform, covering_grid(fixed_f, moving_f, best[0].transform), moving_f).warped
     return RegistrationResult(
         candidates=ordered, best=best[0] if best else None, fixed=fixed_f, moving=moving_f,
         fixed_modality=fixed_modality, moving_modality=moving_modality, table=chosen,
         inputs={"fixed": _described(fixed), "moving": _described(moving), "device": scored_on or device,
-                "jobs": jobs, "racing": schedule.to_dict() if schedule is not None else None},
+                "jobs": jobs, "racing": schedule.to_dict() if schedule is not None else None,
+                "output_grid": output_grid},
         scorer_setup_seconds=setup_seconds, wall_seconds=time.perf_counter() - wall_start,
-        pose=pose.to_dict() if pose is not None else {}, warnings=list(pose.warnings) if pose is not None else [],
+        output=output, pose=pose.to_dict() if pose is not None else {}, warnings=list(pose.warnings) if pose is not None else [],
     )
 
 

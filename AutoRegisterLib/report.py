@@ -50,7 +50,8 @@ def write_outputs(result, out_dir, keep_all: bool = False) -> Path:
     try:
         if result.best is not None:
             result.best.transform_path = write_transform(result.best.transform, staging).name
-            write_image(result.best.warped, staging / WARPED_IMAGE)
+            output = getattr(result, "output", None)
+            write_image(output if output is not None else result.best.warped, staging / WARPED_IMAGE)
         if keep_all:
             (staging / "candidates").mkdir()
             for cand in result.candidates:

@@ -93,6 +93,8 @@ class RegistrationResult:
     scorer_setup_seconds: float = 0.0
     #: Taken when the run ends (the toolkits it loaded are loaded by then).
     versions: dict = field(default_factory=runtime_versions)
+    #: The winner's warped image when it is not on the fixed grid (``output_grid="union"``); else best.warped.
+    output: Image | None = field(default=None, repr=False)
     #: The pose search's outcome (`pose.Pose.to_dict`): {} when it did not run.
     pose: dict = field(default_factory=dict)
     #: What the user should know about this result, one sentence each (a far pose, a mirror image, ...).

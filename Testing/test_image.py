@@ -176,3 +176,26 @@ def test_image_rejects_geometry_that_does_not_fit_the_array():
         Image(np.zeros((2, 3, 4), np.float32), (1.0, 0.0, 1.0), (0.0, 0.0, 0.0))
     with pytest.raises(InputError, match="voxel type"):
         Image(np.zeros((2, 3, 4), np.complex64), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+
+
+def test_covering_grid_keeps_the_whole_moving_extent_and_the_fixed_voxels():
+    """The "union" output grid: the fixed grid grown by whole voxels until every moving point fits."""
+    import SimpleITK as sitk
+
+    from AutoRegisterLib.image import Image, covering_grid
+
+    fixed = Image(np.zeros((10, 20, 30), np.float32), (2.0, 2.0, 3.0), (5.0, -7.0, 11.0), np.eye(3))
+    inside = Image(np.ones((5, 5, 5), np.float32), (2.0, 2.0, 2.0), (20.0, 0.0, 20.0), np.eye(3))
+    assert covering_grid(fixed, inside, sitk.Transform(3, sitk.sitkIdentity)).same_grid(fixed)
+    # A moving image 40 mm longer than the fixed one along x, shifted 40 mm: it reaches 40 mm below the fixed one.
+    wide = Image(np.ones((10, 20, 50), np.float32), (2.0, 2.0, 3.0), (5.0, -7.0, 11.0), np.eye(3))
+    shift = sitk.TranslationTransform(3, (40.0, 0.0, 0.0))  # fixed point p shows moving point p + 40
+    grid = covering_grid(fixed, wide, shift)
+    lo = np.array(grid.origin_mm)
+    hi = grid.physical_points(np.array([np.array(grid.size) - 1]))[0]
+    assert 5.0 - 40.0 - 8.0 <= lo[0] <= 5.0 - 40.0  # the moving image's first voxel, within the probe's step
+    assert hi[0] >= 5.0 + 29 * 2.0  # still holds the whole fixed grid
+    # Fixed voxel centres stay voxel centres of the grown grid.
+    offset = (np.array(fixed.origin_mm) - lo) / np.array(fixed.spacing_mm)
+    assert np.allclose(offset, np.round(offset))
+    assert grid.spacing_mm == fixed.spacing_mm
