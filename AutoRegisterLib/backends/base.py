@@ -5,7 +5,7 @@ SimpleITK transform, so that ``sitk.Resample(moving, fixed, transform)`` puts th
 fixed grid. Warping and the valid-domain mask are derived from that transform here, once, for all
 backends.
 
-Masks: `estimate` takes an optional fixed mask and moving mask, each an `Image` on exactly the grid
+Masks: `estimate` and `run` take an optional fixed mask and moving mask, each an `Image` on exactly the grid
 of the image it masks, nonzero voxels inside. Each backend hands them to its toolkit so that its similarity
 metric only counts fixed samples inside the fixed mask that map inside the moving mask; `binary_mask` checks
 and converts them, once, for all backends.
@@ -89,18 +89,19 @@ class Backend:
         raise NotImplementedError
 
     def run(self, preset: Preset, fixed: Image, moving: Image, workdir: Path | None = None,
-            threads: int = 1) -> RegistrationOutput:
+            threads: int = 1, fixed_mask: Image | None = None, moving_mask: Image | None = None) -> RegistrationOutput:
         """Estimate the transform, then warp the moving image and its domain onto the fixed grid."""
         import tempfile
 
         self.check_available()
+        masks = {"fixed_mask": fixed_mask, "moving_mask": moving_mask}
         if workdir is not None:
             Path(workdir).mkdir(parents=True, exist_ok=True)
         if workdir is None:
             with tempfile.TemporaryDirectory(prefix="autoreg-") as tmp:
-                transform = self.estimate(preset, fixed, moving, Path(tmp), threads)
+                transform = self.estimate(preset, fixed, moving, Path(tmp), threads, **masks)
         else:
-            transform = self.estimate(preset, fixed, moving, Path(workdir), threads)
+            transform = self.estimate(preset, fixed, moving, Path(workdir), threads, **masks)
         return warp_with(transform, fixed, moving)
 
 
