@@ -219,10 +219,11 @@ class BrainsFitBackend(Backend):
         write_image(fixed.astype(np.float32), fixed_path, compress=False)
         write_image(moving.astype(np.float32), moving_path, compress=False)
         mask_paths = {}
-        for key, mask in (("fixed_mask_path", fixed_mask), ("moving_mask_path", moving_mask)):
+        for key, mask, path in (("fixed_mask_path", fixed_mask, workdir / "fixed_mask.mha"),
+                                ("moving_mask_path", moving_mask, workdir / "moving_mask.mha")):
             if mask is not None:
-                mask_paths[key] = workdir / f"{key[:-len('_path')]}.mha"
-                write_image(mask, mask_paths[key], compress=False)
+                write_image(mask, path, compress=False)
+                mask_paths[key] = path
         cmd = self.command(preset, exe, fixed_path, moving_path, transform_path, threads, **mask_paths)
         log_path = workdir / "brainsfit.log"
         with open(log_path, "w", encoding="utf-8", errors="replace") as log:

@@ -136,8 +136,7 @@ class ElastixBackend(Backend):
 
     def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int,
                  fixed_mask: Image | None = None, moving_mask: Image | None = None):
-        """Run the stage chain (masked, when given), sample it on the fixed grid, and return it as a SimpleITK
-        transform."""
+        """Run the stage chain, masked when given, and return it sampled on the fixed grid as a SimpleITK transform."""
         params = self.validate(preset)
         threads = set_threads(threads)
         masks = (binary_mask(fixed_mask, fixed, "fixed mask"), binary_mask(moving_mask, moving, "moving mask"))

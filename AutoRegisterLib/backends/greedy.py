@@ -106,8 +106,7 @@ class GreedyBackend(Backend):
 
     def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int,
                  fixed_mask: Image | None = None, moving_mask: Image | None = None):
-        """Run the greedy stages (masked, when given) and return the fixed->moving transform (LPS) as a SimpleITK
-        transform."""
+        """Run the greedy stages, masked when given; return the fixed->moving transform (LPS) in SimpleITK."""
         from picsl_greedy import Greedy3D
 
         params = self.validate(preset)
