@@ -1,7 +1,7 @@
 """The worker pool: presets run in parallel worker processes, with timeouts, progress and cancel.
 
 With `worker.py` it owns the spec/status file protocol. For each preset the runner writes
-``<folder>/spec.json`` (the preset, the image paths, the thread count) and sends its path on the
+``<folder>/spec.json`` (the preset, the image and mask paths, the thread count) and sends its path on the
 worker's stdin; the worker writes its transform and ``<folder>/status.json`` there. A status file that
 never appears means the worker died: `_read_status` then names the signal or exit code. A worker runs
 presets one at a time and keeps the toolkits it has loaded, so a preset goes to the worker that already
@@ -49,7 +49,10 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 @dataclass
 class Job:
-    """One preset on one pair of images; `on_done(preset, status, folder)` takes its result."""
+    """One preset on one pair of images, optionally masked; `on_done(preset, status, folder)` takes its result.
+
+    A mask file lies on the grid of the image it masks (nonzero voxels inside); None means no mask.
+    """
 
     preset: Preset
     folder: Path
@@ -57,6 +60,18 @@ class Job:
     moving_path: Path
     on_done: object
     started: float = 0.0
+    fixed_mask_path: Path | None = None
+    moving_mask_path: Path | None = None
+
+    def spec(self, threads: int, memory_limit_mb: int | None = None) -> dict:
+        """The spec a worker runs this job from (`worker.run_spec`); the mask keys are null when unmasked."""
+        return {"preset": self.preset.to_dict(), "fixed": str(self.fixed_path), "moving": str(self.moving_path),
+                "fixed_mask": _path_or_none(self.fixed_mask_path), "moving_mask": _path_or_none(self.moving_mask_path),
+                "out": str(self.folder), "threads": threads, "memory_limit_mb": memory_limit_mb}
+
+
+def _path_or_none(path) -> str | None:
+    return None if path is None else str(path)
 
 
 @dataclass
@@ -140,8 +155,7 @@ class Runner:
     def _submit(self, lane: _Lane, job: Job, starting: int) -> None:
         job.folder.mkdir(parents=True, exist_ok=True)
         lane.threads = self._threads_for(lane, starting)
-        spec = {"preset": job.preset.to_dict(), "fixed": str(job.fixed_path), "moving": str(job.moving_path),
-                "out": str(job.folder), "threads": lane.threads, "memory_limit_mb": self.memory_limit_mb}
+        spec = job.spec(lane.threads, self.memory_limit_mb)
         spec_path = job.folder / SPEC_FILE
         spec_path.write_text(json.dumps(spec))
         if lane.proc is None or lane.proc.poll() is not None:

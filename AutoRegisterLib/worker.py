@@ -49,9 +49,11 @@ def run_spec(spec: dict) -> dict:
         backend.check_available()
         fixed = read_image(spec["fixed"])
         moving = read_image(spec["moving"])
+        # Absent or null: no mask (specs written before masks existed have neither key).
+        masks = {key: read_image(spec[key]) for key in ("fixed_mask", "moving_mask") if spec.get(key)}
         workdir = out / "work"
         workdir.mkdir(exist_ok=True)
-        transform = backend.estimate(preset, fixed, moving, workdir, int(spec.get("threads", 1)))
+        transform = backend.estimate(preset, fixed, moving, workdir, int(spec.get("threads", 1)), **masks)
         path = write_transform(transform, out)
         status = {"status": Status.OK, "transform": path.name}
     except Exception as exc:  # a failed preset must report, never take the others down

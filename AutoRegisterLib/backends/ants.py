@@ -22,6 +22,12 @@ Params (all optional; names follow ``ants.registration``):
 - ``grad_step``, ``flow_sigma``, ``total_sigma``: SyN step and regularisation (default 0.2, 3, 0)
 - ``random_seed``: seed of ANTs' random sampling (default 17)
 
+Masks go to ``ants.registration`` as ``mask`` (fixed) and ``moving_mask``, with ``mask_all_stages=True``:
+antspyx otherwise gives the early stages of a chain (the affine stage before SyN) ``[NA,NA]`` and masks only
+the last one (ants/registration/registration.py, ``earlymaskopt``), and antsRegistration then takes its one
+``-x`` per stage as written (ANTs Examples/itkantsRegistrationHelper.hxx: one mask for all stages, or one per
+stage). ANTs' initial centre-of-mass alignment (``-r [fixed,moving,1]``) uses the whole images.
+
 Threads: ITK inside antspyx reads ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS when its thread pool starts,
 so the count is honoured in a fresh worker process; later changes in the same process may be ignored.
 """
@@ -36,7 +42,7 @@ import numpy as np
 from ..errors import BackendUnavailable, InputError
 from ..image import Image, to_ants
 from ..transforms import as_affine, field_transform_from_image
-from .base import Backend, Preset, check_params, same_length, set_threads
+from .base import Backend, Preset, binary_mask, check_params, same_length, set_threads
 
 DEFAULTS = {
     "type_of_transform": "",
@@ -90,8 +96,9 @@ class AntsBackend(Backend):
         same_length(preset, params, "aff_iterations", "aff_shrink_factors", "aff_smoothing_sigmas")
         return params
 
-    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int):
-        """Run ants.registration and return its forward chain as one fixed->moving SimpleITK transform."""
+    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int,
+                 fixed_mask: Image | None = None, moving_mask: Image | None = None):
+        """Run ants.registration, masked every stage, and return its forward chain as one fixed->moving transform."""
         params = self.validate(preset)
         set_threads(threads)
         os.environ["ANTS_RANDOM_SEED"] = str(params["random_seed"])
@@ -101,6 +108,13 @@ class AntsBackend(Backend):
         ants.config._random_seed = params["random_seed"]  # antspyx passes it on as --random-seed
         f = to_ants(fixed)
         m = to_ants(moving)
+        masks = {}
+        for key, mask, image, name in (("mask", fixed_mask, fixed, "fixed mask"),
+                                       ("moving_mask", moving_mask, moving, "moving mask")):
+            if (checked := binary_mask(mask, image, name)) is not None:
+                masks[key] = to_ants(checked)
+        if masks:
+            masks["mask_all_stages"] = True
         prefix = str(Path(workdir) / "ants_")
         result = ants.registration(
             f, m, type_of_transform=params["type_of_transform"], outprefix=prefix,
@@ -111,7 +125,7 @@ class AntsBackend(Backend):
             aff_smoothing_sigmas=tuple(params["aff_smoothing_sigmas"]),
             syn_metric=params["syn_metric"], syn_sampling=params["syn_sampling"],
             reg_iterations=tuple(params["reg_iterations"]), grad_step=params["grad_step"],
-            flow_sigma=params["flow_sigma"], total_sigma=params["total_sigma"],
+            flow_sigma=params["flow_sigma"], total_sigma=params["total_sigma"], **masks,
         )
         forward = list(result["fwdtransforms"])
         if preset.transform_type != "deformable":

@@ -4,6 +4,11 @@ A backend estimates a transform that maps FIXED physical points (LPS, mm) to MOV
 SimpleITK transform, so that ``sitk.Resample(moving, fixed, transform)`` puts the moving image on the
 fixed grid. Warping and the valid-domain mask are derived from that transform here, once, for all
 backends.
+
+Masks: `estimate` and `run` take an optional fixed mask and moving mask, each an `Image` on exactly the grid
+of the image it masks, nonzero voxels inside. Each backend hands them to its toolkit so that its similarity
+metric only counts fixed samples inside the fixed mask that map inside the moving mask; `binary_mask` checks
+and converts them, once, for all backends.
 """
 
 from __future__ import annotations
@@ -78,23 +83,25 @@ class Backend:
             return False, str(exc)
         return True, ""
 
-    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int):
-        """Return a SimpleITK transform mapping fixed points to moving points."""
+    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int,
+                 fixed_mask: Image | None = None, moving_mask: Image | None = None):
+        """Return a SimpleITK transform mapping fixed points to moving points (masks: see the module docstring)."""
         raise NotImplementedError
 
     def run(self, preset: Preset, fixed: Image, moving: Image, workdir: Path | None = None,
-            threads: int = 1) -> RegistrationOutput:
+            threads: int = 1, fixed_mask: Image | None = None, moving_mask: Image | None = None) -> RegistrationOutput:
         """Estimate the transform, then warp the moving image and its domain onto the fixed grid."""
         import tempfile
 
         self.check_available()
+        masks = {"fixed_mask": fixed_mask, "moving_mask": moving_mask}
         if workdir is not None:
             Path(workdir).mkdir(parents=True, exist_ok=True)
         if workdir is None:
             with tempfile.TemporaryDirectory(prefix="autoreg-") as tmp:
-                transform = self.estimate(preset, fixed, moving, Path(tmp), threads)
+                transform = self.estimate(preset, fixed, moving, Path(tmp), threads, **masks)
         else:
-            transform = self.estimate(preset, fixed, moving, Path(workdir), threads)
+            transform = self.estimate(preset, fixed, moving, Path(workdir), threads, **masks)
         return warp_with(transform, fixed, moving)
 
 
@@ -164,6 +171,22 @@ def same_length(preset: Preset, params: dict, *keys: str) -> None:
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"params.{k} has {n}" for k, n in lengths.items())
         raise InputError(f"preset {preset.name!r}: one entry per resolution level is needed ({detail})")
+
+
+def binary_mask(mask: Image | None, image: Image, name: str) -> Image | None:
+    """`mask` as a uint8 image of 0 (outside) and 1 (inside: nonzero, finite), checked to lie on `image`'s grid
+    and to hold a voxel inside; None stays None. `name` ("fixed mask", "moving mask") names it in errors."""
+    if mask is None:
+        return None
+    if not mask.same_grid(image):
+        raise InputError(f"the {name} is not on its image's grid (mask {mask.size} voxels of {mask.spacing_mm} mm "
+                         f"at {mask.origin_mm}; image {image.size} of {image.spacing_mm} mm at {image.origin_mm})")
+    values = np.asarray(mask.array)
+    # A plain cast would turn 0.5 into 0 and 256 into 0, and NaN into whatever the platform gives.
+    inside = (values != 0) & np.isfinite(values) if values.dtype.kind == "f" else values != 0
+    if not inside.any():
+        raise InputError(f"the {name} has no voxel inside it (every voxel is 0)")
+    return mask.with_array(inside.astype(np.uint8))
 
 
 def find_executable(explicit: str, env_var: str, program: str) -> str | None:

@@ -12,6 +12,13 @@ moving points, LPS), read back with SimpleITK: linear results become an AffineTr
 writes a composite (the affine bulk transform, then the B-spline applied first), sampled on the fixed
 grid as a DisplacementFieldTransform.
 
+Masks are written beside the images as uint8 files and passed as ``--fixedBinaryVolume`` /
+``--movingBinaryVolume`` with ``--maskProcessingMode ROI``; either one alone is accepted (BRAINSFit.cxx: ROI
+needs at least one). They replace the preset's ``mask_processing_mode``: BRAINSFit refuses mask files with
+NOMASK or ROIAUTO. The moving mask goes to the metric; with a fixed mask BRAINSFit draws its samples
+(``sampling_percentage`` of all fixed voxels) inside it, so a mask smaller than that gives all of its voxels
+(BRAINSFitHelper.h, SetupRegistration). ``useMomentsAlign`` uses the whole images.
+
 Params (all optional; names follow BRAINSFit's options):
 
 - ``initialize_transform_mode``: ``useMomentsAlign``, ``useGeometryAlign``, ``useCenterOfHeadAlign``
@@ -40,7 +47,7 @@ from ..errors import BackendUnavailable, InputError
 from ..image import Image, write_image
 from ..transforms import as_affine, dense_field
 from . import base
-from .base import Backend, Preset, check_params, set_threads
+from .base import Backend, Preset, binary_mask, check_params, set_threads
 
 DEFAULTS = {
     "initialize_transform_mode": "useMomentsAlign",
@@ -163,9 +170,11 @@ class BrainsFitBackend(Backend):
         return params["transform_chain"] or TRANSFORM_CHAIN[preset.transform_type]
 
     def command(self, preset: Preset, exe: str, fixed_path: Path, moving_path: Path, transform_path: Path,
-                threads: int) -> list:
+                threads: int, fixed_mask_path: Path | None = None, moving_mask_path: Path | None = None) -> list:
         """The BRAINSFit argument list for a preset (no shell: every argument is one list item)."""
         params = self.validate(preset)
+        masks = [(option, path) for option, path in (("--fixedBinaryVolume", fixed_mask_path),
+                                                     ("--movingBinaryVolume", moving_mask_path)) if path is not None]
         cmd = [
             exe,
             "--fixedVolume", str(fixed_path),
@@ -177,17 +186,22 @@ class BrainsFitBackend(Backend):
             "--numberOfHistogramBins", str(params["histogram_bins"]),
             "--samplingPercentage", repr(float(params["sampling_percentage"])),
             "--numberOfIterations", str(params["iterations"]),
-            "--maskProcessingMode", params["mask_processing_mode"],
+            "--maskProcessingMode", "ROI" if masks else params["mask_processing_mode"],
             "--interpolationMode", "Linear",
             "--numberOfThreads", str(max(1, int(threads))),
         ]
+        for option, path in masks:
+            cmd += [option, str(path)]
         if preset.transform_type == "deformable":
             cmd += ["--splineGridSize", ",".join(str(n) for n in params["spline_grid_size"])]
         return cmd
 
-    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int):
-        """Run BRAINSFit on files in `workdir` and read its output transform."""
+    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int,
+                 fixed_mask: Image | None = None, moving_mask: Image | None = None):
+        """Run BRAINSFit on files in `workdir` (masks too, when given) and read its output transform."""
         params = self.validate(preset)
+        fixed_mask = binary_mask(fixed_mask, fixed, "fixed mask")
+        moving_mask = binary_mask(moving_mask, moving, "moving mask")
         if fixed.dimension != 3 or moving.dimension != 3:
             raise BackendUnavailable(f"BRAINSFit registers 3D images only; these are {fixed.dimension}D")
         threads = set_threads(threads)
@@ -204,7 +218,13 @@ class BrainsFitBackend(Backend):
         transform_path = workdir / "brainsfit_transform.h5"
         write_image(fixed.astype(np.float32), fixed_path, compress=False)
         write_image(moving.astype(np.float32), moving_path, compress=False)
-        cmd = self.command(preset, exe, fixed_path, moving_path, transform_path, threads)
+        mask_paths = {}
+        for key, mask, path in (("fixed_mask_path", fixed_mask, workdir / "fixed_mask.mha"),
+                                ("moving_mask_path", moving_mask, workdir / "moving_mask.mha")):
+            if mask is not None:
+                write_image(mask, path, compress=False)
+                mask_paths[key] = path
+        cmd = self.command(preset, exe, fixed_path, moving_path, transform_path, threads, **mask_paths)
         log_path = workdir / "brainsfit.log"
         with open(log_path, "w", encoding="utf-8", errors="replace") as log:
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,

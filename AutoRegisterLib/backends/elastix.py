@@ -10,6 +10,15 @@ transformix as a deformation field on the fixed grid: deformable presets return 
 DisplacementFieldTransform, linear presets fit an AffineTransform to it (exact for a linear chain; the
 fit residual is checked).
 
+Masks go to elastix as its fixed and moving masks (itk-elastix: ``fixed_mask`` / ``moving_mask``, uint8 ITK
+images; the executable: ``-fMask`` / ``-mMask`` files), for every stage, with ``ErodeMask "false"``: elastix
+erodes masks by default at each pyramid level (elxRegistrationBase.hxx, ReadMaskParameters), which its own
+parameter-file notes advise against for a region-of-interest mask and which can erase a small mask at the
+coarse levels. The random sampler draws its samples inside the fixed mask (itkImageRandomCoordinateSampler:
+it rejects points outside it, within the mask's bounding box), so the sample count stays as set; a sample whose
+moving point falls outside the moving mask is invalid, and elastix fails when fewer than a quarter of them are
+valid (``RequiredRatioOfValidSamples``). The centre-of-gravity initialisation uses the whole images.
+
 Params (all optional):
 
 - ``stages``: transforms run in sequence, each starting from the previous one; from ``rigid``,
@@ -45,7 +54,7 @@ from ..errors import BackendUnavailable, InputError
 from ..image import Image, to_itk, write_image
 from ..transforms import affine_from_field, field_transform_from_image
 from . import base
-from .base import Backend, Preset, check_params, set_threads
+from .base import Backend, Preset, binary_mask, check_params, set_threads
 
 DEFAULTS = {
     "stages": ["rigid"],
@@ -125,18 +134,23 @@ class ElastixBackend(Backend):
                              "params.bending_energy_weight >= 0")
         return params
 
-    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int):
-        """Run the stage chain, sample it on the fixed grid, and return it as a SimpleITK transform."""
+    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int,
+                 fixed_mask: Image | None = None, moving_mask: Image | None = None):
+        """Run the stage chain, masked when given, and return it sampled on the fixed grid as a SimpleITK transform."""
         params = self.validate(preset)
         threads = set_threads(threads)
+        masks = (binary_mask(fixed_mask, fixed, "fixed mask"), binary_mask(moving_mask, moving, "moving mask"))
         maps = ([default_parameter_map(stage) for stage in params["stages"]] if params["default_maps"]
                 else [parameter_map(stage, params, fixed.dimension) for stage in params["stages"]])
+        if any(mask is not None for mask in masks):
+            for m in maps:
+                m["ErodeMask"] = ["false"]
         workdir = Path(workdir)
         exe = find_executable(params["executable"])
         if exe:
-            field = _run_executable(exe, maps, fixed, moving, workdir, threads)
+            field = _run_executable(exe, maps, fixed, moving, workdir, threads, *masks)
         else:
-            field = _run_itk(maps, fixed, moving, workdir, threads)
+            field = _run_itk(maps, fixed, moving, workdir, threads, *masks)
         if preset.transform_type == "deformable":
             return field_transform_from_image(field)
         return affine_from_field(field)
@@ -197,7 +211,8 @@ def default_parameter_map(stage: str) -> dict:
     return out
 
 
-def _run_itk(maps: list, fixed: Image, moving: Image, workdir: Path, threads: int):
+def _run_itk(maps: list, fixed: Image, moving: Image, workdir: Path, threads: int,
+             fixed_mask: Image | None = None, moving_mask: Image | None = None):
     """Run itk-elastix in-process; return the chain's deformation field as a SimpleITK image."""
     import itk
 
@@ -207,8 +222,11 @@ def _run_itk(maps: list, fixed: Image, moving: Image, workdir: Path, threads: in
         po.AddParameterMap(m)
     f = to_itk(fixed.astype(np.float32))
     mv = to_itk(moving.astype(np.float32))
+    # uint8 arrays become itk.Image[UC], the mask type elastix takes.
+    masks = {key: to_itk(mask) for key, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask))
+             if mask is not None}
     # number_of_threads is deliberately not passed: itk-elastix crashes with it on B-spline chains.
-    _, result = itk.elastix_registration_method(f, mv, parameter_object=po, log_to_console=False)
+    _, result = itk.elastix_registration_method(f, mv, parameter_object=po, log_to_console=False, **masks)
     # Without an output directory transformix writes deformationField.mha into the current directory.
     workdir.mkdir(parents=True, exist_ok=True)
     field = itk.transformix_deformation_field(mv, result, output_directory=str(workdir))
@@ -244,7 +262,8 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _run_executable(exe: str, maps: list, fixed: Image, moving: Image, workdir: Path, threads: int):
+def _run_executable(exe: str, maps: list, fixed: Image, moving: Image, workdir: Path, threads: int,
+                    fixed_mask: Image | None = None, moving_mask: Image | None = None):
     """Run the elastix and transformix executables with argument lists; return the deformation field."""
     import SimpleITK as sitk
 
@@ -253,6 +272,10 @@ def _run_executable(exe: str, maps: list, fixed: Image, moving: Image, workdir: 
     write_image(fixed.astype(np.float32), fixed_path, compress=False)
     write_image(moving.astype(np.float32), moving_path, compress=False)
     cmd = [exe, "-f", str(fixed_path), "-m", str(moving_path), "-out", str(workdir), "-threads", str(threads)]
+    for option, mask, name in (("-fMask", fixed_mask, "fixed_mask.mha"), ("-mMask", moving_mask, "moving_mask.mha")):
+        if mask is not None:
+            write_image(mask, workdir / name, compress=False)
+            cmd += [option, str(workdir / name)]
     for i, m in enumerate(maps):
         p = workdir / f"params.{i}.txt"
         write_parameter_file(m, p)

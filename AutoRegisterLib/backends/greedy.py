@@ -21,6 +21,11 @@ Resolution: greedy halves the image per level (factors 2^(n-1) ... 1). For the l
 finer than ``finest_spacing_mm`` are skipped (given 0 iterations), so a 1 mm input stops at 2 mm while a
 3 mm input runs at 3 mm; the deformable stage always runs every level of ``deformable_iterations``.
 
+Masks: every greedy command gets the fixed mask as ``-gm`` (metric gradients computed only over the mask)
+and the moving mask as ``-mm`` (moving voxels outside it excluded from the metric), both as uint8 SimpleITK
+images passed in memory like the images (greedy's usage text). ``-moments`` uses the whole images
+(GreedyAPI.cxx, RunAlignMoments: its moments ignore the masks).
+
 Params (all optional):
 
 - ``initialization``: ``moments`` (centres of mass, greedy ``-moments 1``), ``image-centers`` or
@@ -49,7 +54,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, InputError
 from ..image import Image, to_sitk
-from .base import Backend, Preset, check_params, set_threads
+from .base import Backend, Preset, binary_mask, check_params, set_threads
 
 DEFAULTS = {
     "initialization": "moments",
@@ -99,16 +104,20 @@ class GreedyBackend(Backend):
             raise InputError(f"{where}.finest_spacing_mm must be >= 0")
         return params
 
-    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int):
-        """Run the greedy stages and return the fixed->moving transform (LPS) as a SimpleITK transform."""
+    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int,
+                 fixed_mask: Image | None = None, moving_mask: Image | None = None):
+        """Run the greedy stages, masked when given; return the fixed->moving transform (LPS) in SimpleITK."""
         from picsl_greedy import Greedy3D
 
         params = self.validate(preset)
         if fixed.dimension != 3:
             raise InputError(f"preset {preset.name!r}: the greedy backend registers 3D images only")
         threads = set_threads(threads)
+        masks = {key: to_sitk(mask) for key, mask in (
+            ("fixed_mask", binary_mask(fixed_mask, fixed, "fixed mask")),
+            ("moving_mask", binary_mask(moving_mask, moving, "moving mask"))) if mask is not None}
         run = _Runner(Greedy3D(), to_sitk(fixed, np.float32), to_sitk(moving, np.float32), Path(workdir),
-                      threads, params["random_seed"])
+                      threads, params["random_seed"], masks)
         skip = skipped_levels(fixed, params["finest_spacing_mm"])
         linear = metric_option(params["metric"], params["ncc_radius_vox"])
         if params["initialization"] == "moments":
@@ -135,10 +144,12 @@ class GreedyBackend(Backend):
 class _Runner:
     """Runs greedy commands on one fixed/moving pair, its output going to a log file in the work folder."""
 
-    def __init__(self, greedy, fixed, moving, workdir: Path, threads: int, seed: int):
+    def __init__(self, greedy, fixed, moving, workdir: Path, threads: int, seed: int, masks: dict | None = None):
         self.greedy, self.fixed, self.moving = greedy, fixed, moving
+        self.masks = dict(masks or {})  # "fixed_mask" / "moving_mask" -> SimpleITK image
         self.log = workdir / LOG_NAME
-        self.common = f"-threads {threads} -seed {seed}"
+        options = {"fixed_mask": "-gm", "moving_mask": "-mm"}
+        self.common = " ".join([f"-threads {threads} -seed {seed}"] + [f"{options[k]} {k}" for k in self.masks])
 
     def __call__(self, command: str, **outputs) -> None:
         import io
@@ -147,7 +158,7 @@ class _Runner:
         with _native_output_to(self.log):
             try:
                 self.greedy.execute(f"-i fixed moving {command} {self.common}", out=text, err=text,
-                                    fixed=self.fixed, moving=self.moving, **outputs)
+                                    fixed=self.fixed, moving=self.moving, **self.masks, **outputs)
             except RuntimeError as exc:
                 raise RuntimeError(f"greedy failed ({exc}) running: greedy {command}") from None
             finally:

@@ -9,6 +9,11 @@ Linear registration here has three steps:
 3. multi-resolution regular-step gradient descent on Mattes MI, rigid first, then affine for the
    affine preset.
 
+Masks (`SetMetricFixedMask` / `SetMetricMovingMask`) restrict the metric of both the rotation search and the
+optimisation; they are evaluated in physical space, so the full-resolution masks serve the coarse search
+images and every shrink level alike. The centring of step 1 uses the whole images (moments of the intensities).
+With a fixed mask the random samples outside it are dropped, so a small mask gets fewer samples.
+
 Params (all optional):
 
 - ``initialization``: ``"moments"`` or ``"geometry"`` (default ``"moments"``)
@@ -33,7 +38,7 @@ import numpy as np
 from ..errors import InputError
 from ..image import Image, to_sitk
 from ..transforms import as_affine
-from .base import Backend, Preset, check_params, same_length, set_threads
+from .base import Backend, Preset, binary_mask, check_params, same_length, set_threads
 
 DEFAULTS = {
     "initialization": "moments",
@@ -69,34 +74,43 @@ class SimpleITKBackend(Backend):
             raise InputError(f"preset {preset.name!r}: params.sampling_percentage must be in (0, 1]")
         return params
 
-    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int):
-        """Centre, search rotations coarsely, then optimise rigid (and affine) Mattes MI."""
+    def estimate(self, preset: Preset, fixed: Image, moving: Image, workdir: Path, threads: int,
+                 fixed_mask: Image | None = None, moving_mask: Image | None = None):
+        """Centre, search rotations coarsely, then optimise rigid (and affine) Mattes MI, within the masks."""
         import SimpleITK as sitk
 
         params = self.validate(preset)
         set_threads(threads)
         f = to_sitk(fixed, np.float32)
         m = to_sitk(moving, np.float32)
+        masks = {key: to_sitk(mask) for key, mask in (("fixed", binary_mask(fixed_mask, fixed, "fixed mask")),
+                                                      ("moving", binary_mask(moving_mask, moving, "moving mask")))
+                 if mask is not None}
         dim = fixed.dimension
         rigid = sitk.Euler3DTransform() if dim == 3 else sitk.Euler2DTransform()
         mode = (sitk.CenteredTransformInitializerFilter.MOMENTS if params["initialization"] == "moments"
                 else sitk.CenteredTransformInitializerFilter.GEOMETRY)
         rigid = sitk.CenteredTransformInitializer(f, m, rigid, mode)
         if params["rotation_search_deg"] > 0:
-            rigid = _rotation_search(f, m, rigid, params)
-        rigid = _optimise(f, m, rigid, params)
+            rigid = _rotation_search(f, m, rigid, params, masks)
+        rigid = _optimise(f, m, rigid, params, masks)
         if preset.transform_type == "rigid":
             return as_affine(rigid)
         affine = as_affine(rigid)
-        return as_affine(_optimise(f, m, affine, params))
+        return as_affine(_optimise(f, m, affine, params, masks))
 
 
-def _method(params: dict):
+def _method(params: dict, masks: dict):
+    """Mattes MI with linear interpolation, its metric limited to the masks ("fixed", "moving": SimpleITK images)."""
     import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=params["histogram_bins"])
     reg.SetInterpolator(sitk.sitkLinear)
+    if "fixed" in masks:
+        reg.SetMetricFixedMask(masks["fixed"])
+    if "moving" in masks:
+        reg.SetMetricMovingMask(masks["moving"])
     return reg
 
 
@@ -111,11 +125,11 @@ def _coarse(image, spacing_mm: float):
                          image.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
-def _rotation_search(fixed, moving, rigid, params: dict):
+def _rotation_search(fixed, moving, rigid, params: dict, masks: dict):
     """Try a grid of rotations about the centre; return the start with the lowest MI (rigid transform)."""
     f = _coarse(fixed, params["search_spacing_mm"])
     m = _coarse(moving, params["search_spacing_mm"])
-    reg = _method(params)
+    reg = _method(params, masks)
     half = np.deg2rad(params["rotation_search_deg"])
     step = np.deg2rad(params["rotation_search_step_deg"])
     angles = np.arange(-half, half + 1e-9, step) if step > 0 else np.array([0.0])
@@ -141,9 +155,9 @@ def _rotation_search(fixed, moving, rigid, params: dict):
     return out
 
 
-def _optimise(fixed, moving, transform, params: dict):
+def _optimise(fixed, moving, transform, params: dict, masks: dict):
     """Multi-resolution gradient descent on Mattes MI from `transform`; returns the optimised copy."""
-    reg = _method(params)
+    reg = _method(params, masks)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(params["sampling_percentage"], params["random_seed"])
     reg.SetOptimizerAsRegularStepGradientDescent(
