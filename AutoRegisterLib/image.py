@@ -378,6 +378,22 @@ def covering_grid(reference: Image, moving: Image, transform, step_mm: float = 4
     return Image(np.zeros(tuple(reversed(size.tolist())), np.uint8), reference.spacing_mm, tuple(origin), axes)
 
 
+def reach_mask(moving: Image, reference: Image, margin_mm: float = 10.0) -> np.ndarray:
+    """The voxels of `reference`'s grid that lie inside `moving`'s box (grown by `margin_mm`), as the headers
+    place them: where a registration can find moving data at all."""
+    import SimpleITK as sitk
+
+    extent = np.array(moving.size) * np.array(moving.spacing_mm) + 2.0 * margin_mm
+    # A 2-voxel image spanning the grown box: nearest-neighbour sampling is 1 inside it and 0 outside.
+    spacing = extent / 2.0
+    corner = np.asarray(moving.origin_mm) - moving.direction @ (np.array(moving.spacing_mm) / 2.0 + margin_mm)
+    box = Image(np.ones((2,) * moving.dimension, np.uint8), tuple(spacing),
+                tuple(corner + moving.direction @ (spacing / 2.0)), moving.direction)
+    inside = sitk.Resample(to_sitk(box), to_sitk(reference, np.uint8), sitk.Transform(), sitk.sitkNearestNeighbor,
+                           0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(inside).astype(bool)
+
+
 def shrink(image: Image, factor: int) -> Image:
     """Average `factor`^dim blocks into one voxel (geometry kept consistent); for coarse racing rounds."""
     import SimpleITK as sitk

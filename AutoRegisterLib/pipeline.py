@@ -18,7 +18,7 @@ from .modality import modality_or_guess
 from .pose import PoseSettings, posed, search_pose, with_pose
 from .presets import Table, table_from_presets
 from .presets import resolve_table as presets_resolve_table
-from .race import effective_schedule, ranked, run_race
+from .race import effective_schedule, race_masks, ranked, run_race
 from .results import Candidate, RegistrationResult
 from .scoring import pick_device, require_torch
 
@@ -109,11 +109,12 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         progress_cb({"event": "pose", "status": "done", "applied": pose.transform is not None,
                      "seconds": pose.seconds})
     race_moving = posed(moving_f, pose.transform) if pose is not None and pose.transform is not None else moving_f
+    masks = race_masks(fixed_f, race_moving)
     scored_on, setup_seconds = run_race(
         fixed_f, race_moving, fixed_modality, chosen.scoring, runnable, candidates, schedule, device=device,
         jobs=jobs, cores=ncores, timeout_s=timeout_s, progress=progress or (lambda event: None), cancel=cancel,
         memory_limit_mb=memory_limit_mb, threads_per_job=threads_per_job, work_dir=work_dir,
-        moving_modality=moving_modality)
+        moving_modality=moving_modality, masks=masks)
 
     ordered = [candidates[p.name] for p in chosen.presets]
     if race_moving is not moving_f:

@@ -342,3 +342,20 @@ def table_from_presets(names: list[str], base: Table | None = None) -> Table:
         presets=tuple(presets), scoring=base.scoring if base else ScoringSettings(),
         racing=None, source="--presets",
     )
+
+
+#: The candidate that registers the focus region alone: a copy of the catalog preset `FOCUS_BASE` whose fixed
+#: mask is the focus (`race.py`).
+FOCUS_PRESET, FOCUS_BASE = "focus-rigid", "sitk-rigid"
+
+
+def with_focus_preset(table: Table, catalog: dict[str, Preset] | None = None) -> Table:
+    """`table` with the focus candidate added; it runs at full resolution from the start (a coarse round
+    would judge it on the whole head, where it is not meant to be best)."""
+    base = (catalog or load_catalog())[FOCUS_BASE]
+    focus = Preset(FOCUS_PRESET, base.backend, base.transform_type, dict(base.params), base.grid_mm)
+    presets = tuple(p for p in table.presets if p.name != FOCUS_PRESET) + (focus,)
+    racing = table.racing
+    if racing is not None:
+        racing = replace(racing, full_resolution=tuple(racing.full_resolution) + (FOCUS_PRESET,))
+    return replace(table, presets=presets, racing=racing)

@@ -22,7 +22,7 @@ from .backends.base import Preset, warp_with
 from .errors import Cancelled
 from .events import Status, is_cancelled
 from .image import Image, coarsened, write_image
-from .presets import RacingSchedule
+from .presets import FOCUS_PRESET, RacingSchedule
 from .results import MEASURES, Candidate
 from .runner import Job, Runner
 from .scoring import ScoringSettings
@@ -98,10 +98,13 @@ class _Round:
 
     def __init__(self, fixed: Image, moving: Image, fixed_modality: str, settings: ScoringSettings,
                  setup: _ScorerSetup, candidates: dict[str, Candidate], progress, threads=lambda: 1,
-                 moving_modality: str | None = None):
-        """`threads()` says how many threads scoring may use when a result arrives."""
+                 moving_modality: str | None = None, masks: dict[str, Image] | None = None):
+        """`threads()` says how many threads scoring may use when a result arrives. `masks` holds 0/1 float
+        images: "fixed" (on the fixed grid, given to every backend), "moving" (on the moving grid), "focus"
+        (on the fixed grid: where scores are judged, and the fixed mask of the focus preset)."""
         self.fixed, self.moving, self.fixed_modality = fixed, moving, fixed_modality
         self.moving_modality = moving_modality
+        self.masks = dict(masks or {})
         self.coverable = 1.0  # set with the scoring images (`scoring.coverable_fraction`)
         self.settings, self.setup, self.threads = settings, setup, threads
         self.candidates, self.progress = candidates, progress
@@ -123,6 +126,10 @@ class _Round:
                         else head_mask(fixed, self.fixed_modality))
                 if self.settings.head_mask != "none":
                     self.coverable = coverable_fraction(fixed, head, moving, self.moving_modality)
+                for kind in ("user fixed", "focus"):  # only there is a result judged
+                    if kind in self.masks:
+                        region = _binary(coarsened(self.masks[kind], self.settings.grid_mm))
+                        head = head & region if (head & region).any() else region
                 self._scoring = (fixed, moving, head)
             return self._scoring
 
@@ -140,16 +147,32 @@ class _Round:
             self._written[key] = paths
         return self._written[key]
 
+    def _mask_for(self, kind: str, preset: Preset, workdir: Path) -> Path | None:
+        """The file of mask `kind` ("fixed", "moving" or "focus") on `preset`'s working grid (None without it)."""
+        if kind not in self.masks:
+            return None
+        key = (kind,) + tuple(max(s, preset.grid_mm) for s in self.masks[kind].spacing_mm)
+        if key not in self._written:
+            mask = coarsened(self.masks[kind], preset.grid_mm)
+            workdir.mkdir(parents=True, exist_ok=True)
+            path = workdir / f"mask-{kind}-{'x'.join(f'{s:g}' for s in mask.spacing_mm)}mm.mha"
+            write_image(mask.with_array(_binary(mask).astype(np.uint8)), path, compress=False)
+            self._written[key] = (path, path)
+        return self._written[key][0]
+
     def jobs(self, presets: list[Preset], workdir: Path) -> list[Job]:
         """Jobs running `presets` on this round's images (each on its working grid, written once into
-        `workdir`), scored as each ends."""
+        `workdir`), scored as each ends; each gets the round's masks (the focus preset the focus as its fixed mask)."""
         jobs = []
         for preset in presets:
             fixed_path, moving_path = self._images_for(preset, workdir)
+            fixed_mask = self._mask_for("focus" if preset.name == FOCUS_PRESET else "fixed", preset, workdir)
+            moving_mask = self._mask_for("moving", preset, workdir)
             self.made += 1
             # A preset's name comes from a table: in a folder name it is one safe path component.
             folder = workdir / f"{self.made:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', preset.name)}"
-            jobs.append(Job(preset, folder, fixed_path, moving_path, self.on_done))
+            jobs.append(Job(preset, folder, fixed_path, moving_path, self.on_done, fixed_mask_path=fixed_mask,
+                            moving_mask_path=moving_mask))
         return jobs
 
     def on_done(self, preset: Preset, status: dict, folder: Path) -> None:
@@ -186,6 +209,45 @@ class _Round:
             cand.status, cand.error = Status.DISQUALIFIED, measures["disqualified"]
         cand.score_seconds = time.perf_counter() - t0
         self.progress({"event": "score", "candidate": cand.name, "status": cand.status.value, "score": cand.score})
+
+
+def _binary(mask: Image) -> np.ndarray:
+    """A resampled 0/1 mask as booleans: the voxels at least half inside (any inside, for a mask so thin that
+    none is)."""
+    arr = np.asarray(mask.array)
+    inside = arr >= 0.5
+    return inside if inside.any() else arr > 0
+
+
+def race_masks(fixed: Image, moving: Image, fixed_mask: np.ndarray | None = None,
+               moving_mask: np.ndarray | None = None, focus: np.ndarray | None = None,
+               reach_margin_mm: float = 10.0) -> dict[str, Image]:
+    """The masks of a race, as 0/1 float images on their images' grids (see `_Round`).
+
+    The backends' fixed mask is the user's fixed mask cut to where the moving image reaches (`image.reach_mask`)
+    when it reaches less than the whole fixed grid: a slab or a limited-FOV CT then gives the backends only
+    fixed samples that can find moving data ("samples map outside the moving image" ends elastix's run).
+    """
+    from .image import reach_mask
+
+    def as_image(grid: Image, arr) -> Image:
+        return grid.with_array(np.asarray(arr, dtype=bool).astype(np.float32))
+
+    out = {}
+    reach = reach_mask(moving, fixed, reach_margin_mm)
+    backend_fixed = fixed_mask if fixed_mask is not None else None
+    if reach.mean() < 0.98:
+        backend_fixed = reach if backend_fixed is None else (backend_fixed & reach if (backend_fixed & reach).any()
+                                                              else backend_fixed)
+    if backend_fixed is not None:
+        out["fixed"] = as_image(fixed, backend_fixed)
+    if fixed_mask is not None:
+        out["user fixed"] = as_image(fixed, fixed_mask)
+    if moving_mask is not None:
+        out["moving"] = as_image(moving, moving_mask)
+    if focus is not None:
+        out["focus"] = as_image(fixed, focus)
+    return out
 
 
 def ranked(cands: list[Candidate], settings: ScoringSettings) -> list[Candidate]:
@@ -231,7 +293,8 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], sc
         return coarsened(shrink(image, schedule.coarse_shrink), schedule.coarse_mm)
 
     coarse = _Round(coarse_copy(full.fixed), coarse_copy(full.moving), fixed_modality, full.settings, full.setup,
-                    coarse_results, progress, full.threads, full.moving_modality)
+                    coarse_results, progress, full.threads, full.moving_modality,
+                    {kind: coarse_copy(mask) for kind, mask in full.masks.items()})
     by_name = {p.name: p for p in raced}
     started: list[str] = []
     kept: list[str] | None = None  # the final best `keep`, once every coarse run has ended
@@ -265,8 +328,8 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], sc
 def run_race(fixed: Image, moving: Image, fixed_modality: str, settings: ScoringSettings, presets: list[Preset],
              candidates: dict[str, Candidate], schedule: RacingSchedule | None, *, device: str, jobs: int,
              cores: int, timeout_s: float | None, progress, cancel, memory_limit_mb: int | None,
-             threads_per_job: int | None, work_dir=None, moving_modality: str | None = None
-             ) -> tuple[str | None, float]:
+             threads_per_job: int | None, work_dir=None, moving_modality: str | None = None,
+             masks: dict[str, Image] | None = None) -> tuple[str | None, float]:
     """Race `presets` on the prepared images and fill in their `candidates` (a dict by name, whose
     eliminated entries are replaced); return the device scores ran on (None when the scorer never
     loaded) and the seconds loading the scorer took.
@@ -283,7 +346,7 @@ def run_race(fixed: Image, moving: Image, fixed_modality: str, settings: Scoring
             with Runner(jobs, timeout_s, tmp / "workers", progress, cancel, memory_limit_mb, threads_per_job,
                         cores) as runner:
                 full = _Round(fixed, moving, fixed_modality, settings, setup, candidates, progress,
-                              runner.free_cores, moving_modality)
+                              runner.free_cores, moving_modality, masks)
                 setup.start()
                 if schedule is not None:
                     _race_coarse_to_fine(runner, full, presets, schedule, fixed_modality, tmp, progress)

@@ -199,3 +199,18 @@ def test_covering_grid_keeps_the_whole_moving_extent_and_the_fixed_voxels():
     offset = (np.array(fixed.origin_mm) - lo) / np.array(fixed.spacing_mm)
     assert np.allclose(offset, np.round(offset))
     assert grid.spacing_mm == fixed.spacing_mm
+
+
+def test_reach_mask_is_the_moving_box_grown_by_the_margin():
+    from AutoRegisterLib.image import Image, reach_mask
+
+    fixed = Image(np.zeros((40, 40, 40), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    # A slab 20 mm thick (z 30..50 mm, voxel faces 29..51) over the whole x-y extent.
+    slab = Image(np.ones((11, 40, 40), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 30.0), np.eye(3))
+    z = np.arange(40) * 2.0
+    tight = reach_mask(slab, fixed, margin_mm=0.0)
+    assert np.array_equal(tight.any(axis=(1, 2)), (z >= 29.0) & (z <= 51.0))
+    grown = reach_mask(slab, fixed, margin_mm=10.0)
+    assert np.array_equal(grown.any(axis=(1, 2)), (z >= 19.0) & (z <= 61.0))
+    assert grown[:, 0, 0].sum() == grown[:, 20, 20].sum()  # whole planes: the slab spans x and y
+    assert reach_mask(fixed, fixed, 5.0).all()
