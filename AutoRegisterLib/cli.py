@@ -1,8 +1,9 @@
 """Command line: ``autoregister FIXED MOVING --out DIR`` (also ``python -m AutoRegisterLib``).
 
-Exit codes (`events.ExitCode`): 0 a result was kept; 2 bad input or usage, or torch (needed to score) is
-not installed (one line on stderr, no traceback, before any worker starts); 3 no preset succeeded;
-130 cancelled (Ctrl-C, SIGTERM or ``--cancel-file``).
+Exit codes (`events.ExitCode`): 0 a result was kept (trust verdict green or amber); 2 bad input or usage, or
+torch (needed to score) is not installed (one line on stderr, no traceback, before any worker starts); 3 no
+preset succeeded; 4 a result was written but its trust verdict is red (never applied silently); 130 cancelled
+(Ctrl-C, SIGTERM or ``--cancel-file``).
 
 With ``--progress-json`` the command is the engine of the Slicer module and of `engine.EngineRun`: stdout
 carries one JSON event per line (see `events`), the first ``hello`` with the engine's pid and version,
@@ -34,8 +35,9 @@ ITK_AUTOLOAD = "ITK_AUTOLOAD_PATH"
 def build_parser() -> Parser:
     """The argument parser of the register command."""
     p = Parser(prog="autoregister", description="One-click registration of MOVING onto FIXED.",
-               epilog="Exit codes: 0 a result was kept; 2 bad input or usage, or torch is not installed; "
-                      "3 no preset succeeded; 130 cancelled.")
+               epilog="Exit codes: 0 a result was kept (trust verdict green or amber); 2 bad input or usage, or "
+                      "torch is not installed; 3 no preset succeeded; 4 a result was written but its trust "
+                      "verdict is red; 130 cancelled.")
     p.add_argument("fixed", help="fixed (reference) image: NIfTI, NRRD, MHA or a DICOM folder")
     p.add_argument("moving", help="moving image, registered onto the fixed image")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -191,6 +193,13 @@ def register_main(argv) -> int:
             print(f"autoregister: warning: {warning}", file=sys.stderr)
     if result.best is None:
         return _finish(args, ExitCode.NO_RESULT, "autoregister: no preset succeeded; see result.json for the reasons")
+    trust = result.trust
+    if trust is not None and not args.progress_json:
+        print(f"autoregister: trust {trust.light.upper()}: estimated error {trust.estimate_mm:.1f} mm "
+              f"(90 % interval {trust.low_mm:.1f}-{trust.high_mm:.1f} mm); {trust.reason}", file=sys.stderr)
+    if trust is not None and trust.light == "red":
+        return _finish(args, ExitCode.UNTRUSTED, "autoregister: the result was written but its trust verdict is red: "
+                                                 "check it before using it (exit 4)")
     return _finish(args, ExitCode.OK, None)
 
 

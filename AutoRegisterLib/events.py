@@ -33,6 +33,7 @@ class ExitCode(IntEnum):
     OK = 0  #: a result was kept
     USAGE = 2  #: bad input or usage, or a required dependency (torch) is missing: one line on stderr
     NO_RESULT = 3  #: no preset succeeded; result.json still holds every preset's reason
+    UNTRUSTED = 4  #: a result was kept and written, but the trust verdict is red: check it before using it
     CANCELLED = 130  #: Ctrl-C, SIGTERM or the cancel file; nothing was written
 
 

@@ -45,7 +45,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
                   table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
                   device: str = "auto", progress=None, cancel=None, threads_per_job: int | None = None,
                   memory_limit_mb: int | None = None, work_dir=None, pose_search=True,
-                  output_grid: str = "fixed") -> RegistrationResult:
+                  output_grid: str = "fixed", judge: bool = True) -> RegistrationResult:
     """Run every preset of the table for this modality pair, score each, and return all with the best.
 
     `fixed`/`moving` are paths, SimpleITK/ITK/ANTs images or `Image`s; their modalities (T1, T2, FLAIR,
@@ -62,7 +62,9 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     poses (`pose.search_pose`): when a far pose scores clearly better than the header, every preset starts
     from it, the candidates' transforms include it, and `warnings` say so. `output_grid` is where the winner's
     warped image (`RegistrationResult.output`) lies: "fixed" (the fixed grid) or "union" (the fixed grid grown
-    to keep the whole moving extent, for a moving image that reaches beyond the fixed one).
+    to keep the whole moving extent, for a moving image that reaches beyond the fixed one). `judge` gives the
+    winner a trust verdict (`trust.verdict`: estimated error, 90 % interval, green/amber/red, the map of
+    where candidates disagree); a red one is also a warning.
 
     Nothing is written: `report.write_outputs(result, out_dir)` writes the outputs. Raises InputError for
     bad input and when torch (needed to score) is not installed, before any worker starts, and Cancelled
@@ -121,6 +123,8 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         for cand in ordered:  # the presets registered the posed image: their transforms start with the pose
             if cand.transform is not None:
                 cand.transform = with_pose(cand.transform, pose.transform)
+            if cand.coarse_transform is not None:
+                cand.coarse_transform = with_pose(cand.coarse_transform, pose.transform)
     best = ranked(ordered, chosen.scoring)
     if best and best[0].warped is not None and best[0].warped.spacing_mm != fixed_f.spacing_mm:
         # Scored on the coarser scoring grid: the winner's output image is on the fixed image's own grid.
@@ -128,7 +132,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     output = None
     if best and output_grid == "union":
         output = warp_with(best[0].transform, covering_grid(fixed_f, moving_f, best[0].transform), moving_f).warped
-    return RegistrationResult(
+    result = RegistrationResult(
         candidates=ordered, best=best[0] if best else None, fixed=fixed_f, moving=moving_f,
         fixed_modality=fixed_modality, moving_modality=moving_modality, table=chosen,
         inputs={"fixed": _described(fixed), "moving": _described(moving), "device": scored_on or device,
@@ -137,6 +141,15 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         scorer_setup_seconds=setup_seconds, wall_seconds=time.perf_counter() - wall_start,
         output=output, pose=pose.to_dict() if pose is not None else {}, warnings=list(pose.warnings) if pose is not None else [],
     )
+    if judge and result.best is not None and fixed_f.dimension == 3:
+        from .trust import verdict
+
+        result.trust = verdict(result)
+        if result.trust.light == "red":
+            result.warnings.append(f"the trust verdict is red (estimated error {result.trust.estimate_mm:.1f} mm): "
+                                   f"{result.trust.reason}; check the result before using it")
+        result.wall_seconds = time.perf_counter() - wall_start
+    return result
 
 
 def _described(source) -> str:

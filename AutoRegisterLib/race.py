@@ -318,7 +318,7 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], sc
         if name in (kept or ()):
             continue
         # Dropped out: its coarse outcome stands (a full-resolution run started ahead of time is discarded).
-        eliminated = replace(coarse_cand, transform=None, warped=None)
+        eliminated = replace(coarse_cand, transform=None, warped=None, coarse_transform=coarse_cand.transform)
         if coarse_cand.status == Status.OK:
             eliminated.status = Status.ELIMINATED
             eliminated.error = f"eliminated in the coarse round (score {eliminated.score:.4f})"

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import InputError
 from .image import coarsened, write_image
-from .results import REPORT_PNG, RESULT_MARKER, WARPED_IMAGE
+from .results import DISAGREEMENT_IMAGE, REPORT_PNG, RESULT_MARKER, WARPED_IMAGE
 
 
 def check_output_dir(out_dir) -> Path:
@@ -52,6 +52,9 @@ def write_outputs(result, out_dir, keep_all: bool = False) -> Path:
             result.best.transform_path = write_transform(result.best.transform, staging).name
             output = getattr(result, "output", None)
             write_image(output if output is not None else result.best.warped, staging / WARPED_IMAGE)
+            trust = getattr(result, "trust", None)
+            if getattr(trust, "disagreement", None) is not None:
+                write_image(trust.disagreement, staging / DISAGREEMENT_IMAGE)
         if keep_all:
             (staging / "candidates").mkdir()
             for cand in result.candidates:
@@ -119,8 +122,11 @@ def write_report_png(result, path) -> str:
     import matplotlib.pyplot as plt
 
     shown = [c for c in result.candidates if c.warped is not None]
-    ncols = max(1, min(4, len(shown)))
-    nrows = 1 + (len(shown) + ncols - 1) // ncols if shown else 1
+    trust = getattr(result, "trust", None)
+    disagreement = getattr(trust, "disagreement", None)
+    ncols = max(1, min(4, len(shown) + (disagreement is not None)))
+    panels = len(shown) + (disagreement is not None)
+    nrows = 1 + (panels + ncols - 1) // ncols if panels else 1
     fig = plt.figure(figsize=(4 * ncols, 3.6 * nrows))
     fixed = _normalise(_middle_slice(result.fixed.array))
     # Candidates other than the winner stay on the scoring grid (scoring.grid_mm).
@@ -134,7 +140,18 @@ def write_report_png(result, path) -> str:
         mark = " ★" if cand is result.best else ""
         ax.set_title(f"{cand.name}{mark}\nscore {cand.score:.3f} ({cand.status})", fontsize=9)
         ax.axis("off")
+    if disagreement is not None:
+        ax = fig.add_subplot(nrows, ncols, len(shown) + 1)
+        plane = np.nan_to_num(disagreement.array[trust.worst_slice or 0], nan=0.0)
+        im = ax.imshow(plane, cmap="magma", origin="lower", vmin=0.0, vmax=max(2.0, float(plane.max())))
+        fig.colorbar(im, ax=ax, fraction=0.046, label="mm")
+        ax.set_title(f"where candidates disagree (slice {trust.worst_slice})", fontsize=9)
+        ax.axis("off")
     ax = fig.add_subplot(nrows, 1, nrows)
+    if trust is not None and hasattr(trust, "light"):
+        colour = {"green": "tab:green", "amber": "tab:orange", "red": "tab:red"}[trust.light]
+        ax.set_title(f"trust {trust.light.upper()}: estimated error {trust.estimate_mm:.1f} mm "
+                     f"(90 % {trust.low_mm:.1f}-{trust.high_mm:.1f} mm)", color=colour, fontsize=10)
     names = [c.name for c in result.candidates]
     scores = [c.score or 0.0 for c in result.candidates]
     colours = ["tab:green" if c is result.best else "tab:blue" if c.status == "ok" else "tab:gray"

@@ -19,6 +19,8 @@ from .presets import Table
 
 #: The files of an output folder that `report.write_outputs` writes and `read_outputs` reads.
 RESULT_MARKER, REPORT_PNG, WARPED_IMAGE = "result.json", "report.png", "warped.nii.gz"
+#: Where the candidates disagree with the winner (mm, on a coarse fixed grid): the trust verdict's map.
+DISAGREEMENT_IMAGE = "disagreement.nii.gz"
 #: The measures a candidate carries, in result.json's order.
 MEASURES = ("score", "lncc", "zncc", "zncc_local", "mi", "coverage", "folding_fraction", "min_jacobian")
 #: The modules whose versions result.json records, when the run loaded them.
@@ -47,6 +49,8 @@ class Candidate:
     transform: object = field(default=None, repr=False)
     warped: Image | None = field(default=None, repr=False)
     transform_path: str | None = None
+    #: An eliminated candidate's coarse-round transform: a second opinion for the trust verdict, never an output.
+    coarse_transform: object = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         """The JSON form written to result.json."""
@@ -59,7 +63,7 @@ class Candidate:
     @classmethod
     def from_dict(cls, d: dict) -> Candidate:
         """A candidate read back from result.json: every measure and `transform_path`, no transform loaded."""
-        names = {f.name for f in fields(cls)} - {"transform", "warped", "transform_path", "status"}
+        names = {f.name for f in fields(cls)} - {"transform", "warped", "transform_path", "status", "coarse_transform"}
         return cls(**{k: v for k, v in d.items() if k in names}, status=Status(d.get("status", Status.PENDING)),
                    transform_path=d.get("transform"))
 
@@ -97,6 +101,8 @@ class RegistrationResult:
     output: Image | None = field(default=None, repr=False)
     #: The pose search's outcome (`pose.Pose.to_dict`): {} when it did not run.
     pose: dict = field(default_factory=dict)
+    #: The trust verdict on the winner (`trust.Verdict`; a dict when read back from result.json; None: none).
+    trust: object = field(default=None, repr=False)
     #: What the user should know about this result, one sentence each (a far pose, a mirror image, ...).
     warnings: list = field(default_factory=list)
 
@@ -115,6 +121,7 @@ class RegistrationResult:
             "scorer_setup_seconds": self.scorer_setup_seconds,
             "versions": self.versions,
             "pose": self.pose,
+            "trust": self.trust.to_dict() if hasattr(self.trust, "to_dict") else self.trust,
             "warnings": list(self.warnings),
         }
 
@@ -138,7 +145,7 @@ class RegistrationResult:
                    moving_modality=d.get("moving_modality", ""), table=table,
                    wall_seconds=d.get("wall_seconds", 0.0), inputs=dict(d.get("inputs") or {}),
                    scorer_setup_seconds=d.get("scorer_setup_seconds", 0.0), versions=dict(d.get("versions") or {}),
-                   pose=dict(d.get("pose") or {}), warnings=list(d.get("warnings") or []))
+                   pose=dict(d.get("pose") or {}), warnings=list(d.get("warnings") or []), trust=d.get("trust"))
 
 
 @dataclass
@@ -187,6 +194,17 @@ class EngineOutputs:
     def report_path(self) -> Path | None:
         """report.png, or None when it was not written (e.g. matplotlib missing; `summary["report"]` says)."""
         path = self.out_dir / REPORT_PNG
+        return path if path.is_file() else None
+
+    @property
+    def trust(self) -> dict:
+        """The trust verdict as result.json holds it ({} when there is none)."""
+        return dict(self.summary.get("trust") or {})
+
+    @property
+    def disagreement_path(self) -> Path | None:
+        """The trust verdict's disagreement map (mm), or None."""
+        path = self.out_dir / DISAGREEMENT_IMAGE
         return path if path.is_file() else None
 
     @property

@@ -7,6 +7,9 @@ Cases with ground truth from the bundled ICBM152 data (AutoRegisterDev.data):
   pose (the turn undone exactly by the header, `pose.posed`), and with the click without the pose search.
 * slab: an axial slab of 30-60 mm inside the head, T1 and T2. The click is compared with every preset
   alone started from the true pose; errors are over the fixed head the slab covers.
+* fixed slab: the fixed image is the partial one (a 45 mm T1 slab), the moving a whole T2 head.
+* focus: a T2 head with a strong smooth warp (5 mm) and a 25 mm ball in the left temporal lobe as the focus;
+  errors are over the ball. The click with the focus against the click without it and every preset alone.
 
 Printed: per case the click's error, the reference error, the pose search's share of the click, and the
 acceptance checks of issue #13. ``--out`` gets rescue.json.
@@ -25,13 +28,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from AutoRegisterDev.data import (  # noqa: E402
+    Case,
     covered_by_moving,
+    head_centre,
     load_icbm,
+    make_case,
     point_error_mm,
     rotated_case,
     slab_case,
 )
 from AutoRegisterLib.events import Status  # noqa: E402
+from AutoRegisterLib.image import resample_to_grid  # noqa: E402
 from AutoRegisterLib.pipeline import auto_register  # noqa: E402
 from AutoRegisterLib.pose import posed, with_pose  # noqa: E402
 from AutoRegisterLib.scoring import head_mask  # noqa: E402
@@ -57,11 +64,11 @@ def from_true_pose(case, pose, fm, mm, presets, timeout_s) -> dict:
     return out
 
 
-def click(case, fm, mm, timeout_s, pose_search=True) -> dict:
+def click(case, fm, mm, timeout_s, pose_search=True, **options) -> dict:
     """The Register button on a case: winner, its true error over the case's region, time, pose search."""
     t0 = time.perf_counter()
     r = auto_register(case.fixed, case.moving, fixed_modality=fm, moving_modality=mm, timeout_s=timeout_s,
-                      pose_search=pose_search)
+                      pose_search=pose_search, **options)
     wall = time.perf_counter() - t0
     best = r.best
     errors = {c.name: point_error_mm(case, c.transform, case.region) for c in r.candidates if c.transform is not None}
@@ -81,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contrasts", default="t2,t1", help="moving contrasts of the turned cases")
     ap.add_argument("--slabs", default="30,45,60", help="slab thicknesses in mm ('' for none)")
     ap.add_argument("--no-turned", action="store_true")
+    ap.add_argument("--fixed-slab", action="store_true", help="also the case whose fixed image is a slab")
+    ap.add_argument("--focus", action="store_true", help="also the focus-region case")
     ap.add_argument("--without-pose", action="store_true", help="also run each turned case without the pose search")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", default="bench_out/rescue")
@@ -144,6 +153,37 @@ def main(argv=None) -> int:
             rec["reference_preset"] = best
             rec["reference_mm"] = alone[best]["error_mm"] if best else None
             report(rec)
+
+    if args.fixed_slab:
+        full = make_case(sources["t2"], t1, 61, rotation_deg=8.0, translation_mm=8.0)  # whole head
+        part = slab_case(sources["t1"], t1, 45.0, seed=61)
+        # The fixed image is the slab (on its own grid); the moving the whole T2 head.
+        case = Case(part.moving, full.moving, full.truth, None, "fixed slab")
+        case.fixed = resample_to_grid(t1, part.moving)  # the slab itself, unmoved: truth stays full.truth
+        case.region = head_mask(case.fixed, "T1")
+        rec = {"kind": "fixed slab", "case": "T1 45 mm slab <- T2 head", "click": click(case, "T1", "T2", args.timeout)}
+        presets = [n for n, c in rec["click"]["candidates"].items() if c["status"] != "unavailable"]
+        alone = from_true_pose(case, case.truth.GetInverse(), "T1", "T2", presets, args.timeout)
+        best = min((n for n in alone if alone[n]["error_mm"] is not None), key=lambda n: alone[n]["error_mm"])
+        rec.update(alone_from_truth=alone, reference_preset=best, reference_mm=alone[best]["error_mm"])
+        report(rec)
+    if args.focus:
+        case = make_case(sources["t2"], t1, 71, rotation_deg=5.0, translation_mm=5.0, warp_mm=5.0)
+        centre = head_centre(t1) + np.array([45.0, 10.0, -10.0])  # LPS: left temporal lobe
+        pts = t1.physical_points(np.argwhere(np.ones(t1.array.shape, bool))[:, ::-1]).reshape(t1.array.shape + (3,))
+        ball = (np.linalg.norm(pts - centre, axis=-1) < 25.0) & head
+        case.region = ball
+        plain = click(case, "T1", "T2", args.timeout)
+        rec = {"kind": "focus", "case": "T2 warped 5 mm, focus 25 mm ball", "click": click(case, "T1", "T2", args.timeout,
+                                                                                       focus=ball),
+               "without_focus": plain}
+        presets = [n for n, c in plain["candidates"].items() if c["status"] != "unavailable"]
+        alone = from_true_pose(case, None, "T1", "T2", presets, args.timeout)
+        best = min((n for n in alone if alone[n]["error_mm"] is not None), key=lambda n: alone[n]["error_mm"])
+        rec.update(alone_from_truth=alone, reference_preset=best, reference_mm=alone[best]["error_mm"])
+        report(rec)
+        print(f"  focus: with it {rec['click']['error_mm']:.2f} mm ({rec['click']['winner']}), without it "
+              f"{plain['error_mm']:.2f} mm ({plain['winner']}), best preset alone {rec['reference_mm']:.2f} mm")
 
     turned = [r for r in records if r["kind"] == "turned"]
     slabs = [r for r in records if r["kind"] == "slab"]

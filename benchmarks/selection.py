@@ -301,6 +301,8 @@ def run_truth_case(name, case, fm, mm, table, args) -> dict:
         truth = candidate_truth(case, best.transform, head) if best is not None else rec["initial"]
         rec["racing"] = {"wall_seconds": raced.wall_seconds, "chosen": best.name if best else None, **truth,
                          "coarse_round_seconds": rounds[0] if rounds else None,
+                         "pose_seconds": raced.pose.get("seconds"), "pose_applied": raced.pose.get("applied"),
+                         "trust": raced.trust.to_dict() if raced.trust is not None else None,
                          "statuses": {c.name: c.status for c in raced.candidates}}
     return rec
 
@@ -359,6 +361,10 @@ def summarize(cases: list[dict], presets: list[str], racing: bool) -> dict:
                              mean_error_mm=float(np.mean([c["racing"]["error_mm"] for c in cases])),
                              mean_regret_mm=float(np.mean(regret_mm)), max_regret_mm=float(np.max(regret_mm)),
                              best_error_rate=float(np.mean([r <= ERROR_TOLERANCE_MM for r in regret_mm])))
+        poses = [c["racing"].get("pose_seconds") for c in cases]
+        if all(v is not None for v in poses):
+            shares = np.divide(poses, raced)
+            out["time"].update(pose_share_mean=float(np.mean(shares)), pose_share_max=float(np.max(shares)))
         out["time"].update(racing_total_s=float(np.sum(raced)),
                            racing_over_slowest_mean=float(np.mean(np.divide(raced, slowest))),
                            racing_over_slowest_total=float(np.sum(raced) / np.sum(slowest)))
@@ -531,6 +537,9 @@ def format_report(summary: dict, variants: list[dict], presets: list[str], cases
                    ("the click: regret <= 0.1 mm head error", r["mean_regret_mm"] <= 0.1, f"{r['mean_regret_mm']:.2f} mm"),
                    ("the click: truly best (0.1 mm) in >= 80%", r["best_error_rate"] >= 0.8,
                     f"{100 * r['best_error_rate']:.0f}%")]
+        if "pose_share_mean" in t:
+            checks.append(("the pose search <= 15% of the click (mean over cases)", t["pose_share_mean"] <= 0.15,
+                           f"mean {100 * t['pose_share_mean']:.1f}%, max {100 * t['pose_share_max']:.1f}%"))
         if "racing_over_reference_mean" in t:
             checks.append(("the click <= 1.5x the reference elastix run (every case)",
                            t["racing_over_reference_max"] <= 1.5, f"max {t['racing_over_reference_max']:.2f}x"))

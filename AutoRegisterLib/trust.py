@@ -1,0 +1,248 @@
+"""The trust verdict: how far to trust the winner, without reference data.
+
+Several independent candidates from different toolkits are second opinions. Where they agree with the
+winner within a millimetre it is probably right; where they disagree by centimetres at least one is wrong,
+and the disagreement map shows where. The signals (`signals`) are mapped to an estimate of the winner's
+mean error over the head, with a 90 % interval, by a calibration fitted on cases with ground truth
+(``benchmarks/trust.py``; the fit is versioned data in ``resources/trust/calibration.json``). The light:
+
+* green: the interval's upper end is below ``green_max_mm`` (calibrated so no green case was above 2 mm);
+* red: the estimate is above ``red_min_mm`` (a true error above 3 mm is likely); never applied silently;
+* amber: anything between, and any verdict whose signals are missing.
+
+Candidates that failed or were disqualified never enter the disagreement; candidates eliminated in a
+coarse round enter with their coarse transform (a second opinion at millimetre scale).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .image import Image, coarsened
+
+CALIBRATION_PATH = Path(__file__).resolve().parent / "resources" / "trust" / "calibration.json"
+CALIBRATION_ENV = "AUTOREGISTER_TRUST_CALIBRATION"
+#: The grid the disagreement is measured on (mm): transforms are smooth at this scale and it costs little.
+GRID_MM = 5.0
+LIGHTS = ("green", "amber", "red")
+
+
+@dataclass
+class Signals:
+    """What the verdict is estimated from; every field is measured without ground truth."""
+
+    opinions: int  # second opinions: other candidates that passed the vetoes
+    backends: int  # toolkits among them other than the winner's
+    nearest_mm: float | None  # the median disagreement with the candidate that agrees best
+    nearest_other_mm: float | None  # the same among other toolkits only
+    median_mm: float | None  # median over the second opinions of their median disagreement
+    p95_mm: float | None  # 95th percentile over the head of the map (median over opinions, per voxel)
+    score: float
+    coverage: float
+    margin: float  # winner's score minus the runner-up's, relative to the winner's
+
+    def to_dict(self) -> dict:
+        """Plain-data form for result.json."""
+        return {k: (None if v is None else round(float(v), 4)) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Verdict:
+    """The winner's estimated error (mm) with a 90 % interval, the light, why, and where candidates disagree."""
+
+    light: str
+    estimate_mm: float
+    low_mm: float
+    high_mm: float
+    reason: str
+    signals: Signals
+    seconds: float = 0.0
+    disagreement: Image | None = field(default=None, repr=False)  # mm, on a coarse fixed grid (None: no opinion)
+    worst_slice: int | None = None  # the axial slice (of `disagreement`) where it is largest
+
+    def to_dict(self) -> dict:
+        """Plain-data form for result.json."""
+        return {"light": self.light, "estimate_mm": round(self.estimate_mm, 2), "low_mm": round(self.low_mm, 2),
+                "high_mm": round(self.high_mm, 2), "reason": self.reason, "signals": self.signals.to_dict(),
+                "seconds": round(self.seconds, 3), "worst_slice": self.worst_slice}
+
+
+def _displacement(transform, grid: Image) -> np.ndarray:
+    """`transform`'s displacement at `grid`'s voxels (z, y, x, 3), in mm: two transforms differ at a point by
+    the difference of their displacements there."""
+    import SimpleITK as sitk
+
+    from .transforms import sampled_field
+
+    return sitk.GetArrayFromImage(sampled_field(transform, grid))
+
+
+def second_opinions(result) -> list:
+    """The candidates whose transforms may vote: every other OK candidate, and those eliminated in a coarse round."""
+    from .events import Status
+
+    out = []
+    for cand in result.candidates:
+        if cand is result.best:
+            continue
+        if cand.status == Status.OK and cand.transform is not None:
+            out.append((cand, cand.transform))
+        elif cand.status == Status.ELIMINATED and getattr(cand, "coarse_transform", None) is not None:
+            out.append((cand, cand.coarse_transform))
+    return out
+
+
+def signals(result, head: np.ndarray | None = None, grid_mm: float = GRID_MM) -> tuple[Signals, Image | None]:
+    """The signals of `result`'s winner and the disagreement map (mm, on the fixed grid coarsened to `grid_mm`,
+    NaN outside the head); `head` is the fixed head mask there (computed when None)."""
+    from .scoring import head_mask
+
+    best = result.best
+    grid = coarsened(result.fixed, grid_mm)
+    if head is None:
+        head = head_mask(grid, result.fixed_modality)
+    ranked_scores = sorted((c.score for c in result.candidates if c.score is not None and c is not best
+                            and str(c.status) == "ok"), reverse=True)
+    margin = (best.score - ranked_scores[0]) / best.score if ranked_scores and best.score else 1.0
+    opinions = second_opinions(result)
+    base = dict(score=float(best.score or 0.0), coverage=float(best.coverage or 0.0), margin=float(margin))
+    if not opinions:
+        return Signals(0, 0, None, None, None, None, **base), None
+    winner = _displacement(best.transform, grid)[head]
+    per = [(cand, np.linalg.norm(_displacement(transform, grid)[head] - winner, axis=-1))
+           for cand, transform in opinions]
+    medians = np.array([float(np.median(d)) for _, d in per])
+    other = [float(np.median(d)) for c, d in per if c.backend != best.backend]
+    stacked = np.median(np.stack([d for _, d in per]), axis=0)
+    disagreement = np.full(head.shape, np.nan, np.float32)
+    disagreement[head] = stacked
+    sig = Signals(len(per), len({c.backend for c, _ in per if c.backend != best.backend}),
+                  float(medians.min()), min(other) if other else None, float(np.median(medians)),
+                  float(np.percentile(stacked, 95)), **base)
+    return sig, grid.with_array(disagreement)
+
+
+# --- calibration ---------------------------------------------------------------------------------------
+
+
+def features(sig: Signals, single: bool = False) -> np.ndarray:
+    """The model's inputs: logs of the disagreements (with a 0.1 mm floor) and the score; without a second
+    opinion (`single`), the score and coverage alone."""
+    if single:
+        return np.array([1.0, sig.score, sig.coverage])
+    nearest_other = sig.nearest_other_mm if sig.nearest_other_mm is not None else sig.nearest_mm
+    return np.array([1.0, np.log(max(sig.nearest_mm, 0.1)), np.log(max(nearest_other, 0.1)),
+                     np.log(max(sig.median_mm, 0.1)), sig.score])
+
+
+@dataclass
+class Calibration:
+    """The fitted map from signals to the winner's error: log-linear, with residual quantiles for the interval."""
+
+    coef: list
+    q_low: float
+    q_high: float
+    single_coef: list
+    single_q_low: float
+    single_q_high: float
+    green_max_mm: float = 2.0
+    red_min_mm: float = 3.0
+    version: int = 1
+    fitted: dict = field(default_factory=dict)  # what it was fitted on, and the command that refits it
+
+    @classmethod
+    def load(cls, path=None) -> Calibration:
+        """Read the calibration JSON: `path`, else $AUTOREGISTER_TRUST_CALIBRATION (one refitted on a site's own
+        cases), else the shipped one."""
+        path = path or os.environ.get(CALIBRATION_ENV) or CALIBRATION_PATH
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def save(self, path=CALIBRATION_PATH) -> None:
+        """Write it as JSON (versioned data in the repository)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.__dict__, indent=1) + "\n", encoding="utf-8")
+
+    def interval(self, sig: Signals) -> tuple[float, float, float]:
+        """(estimate, low, high) in mm: the 90 % interval of the winner's mean error over the head."""
+        single = sig.opinions == 0
+        x = features(sig, single)
+        coef, lo, hi = ((self.single_coef, self.single_q_low, self.single_q_high) if single
+                        else (self.coef, self.q_low, self.q_high))
+        log_est = float(x @ np.asarray(coef))
+        return float(np.exp(log_est)), float(np.exp(log_est + lo)), float(np.exp(log_est + hi))
+
+
+def fit(sigs: list[Signals], errors_mm: list[float], coverage: float = 0.9, **thresholds) -> Calibration:
+    """Least squares of log(error) on `features`; the interval from the residuals' quantiles."""
+    err = np.log(np.maximum(np.asarray(errors_mm, float), 0.05))
+    q = ((1 - coverage) / 2, (1 + coverage) / 2)
+
+    def one(rows: list[int], single: bool):
+        x = np.stack([features(sigs[i], single) for i in rows])
+        coef, *_ = np.linalg.lstsq(x, err[rows], rcond=None)
+        res = err[rows] - x @ coef
+        return coef.tolist(), float(np.quantile(res, q[0])), float(np.quantile(res, q[1]))
+
+    coef, lo, hi = one([i for i, s in enumerate(sigs) if s.opinions > 0], False)
+    # Without a second opinion: the score and coverage alone, fitted on every case (their intervals are wide).
+    single_coef, single_lo, single_hi = one(list(range(len(sigs))), True)
+    return Calibration(coef, lo, hi, single_coef, single_lo, single_hi, **thresholds)
+
+
+# --- the verdict ----------------------------------------------------------------------------------------
+
+def _where(disagreement: Image, head_centre_mm: np.ndarray) -> str:
+    """Where the disagreement is largest, in words (left/right, front/back, upper/lower part of the head)."""
+    arr = np.nan_to_num(disagreement.array, nan=0.0)
+    top = arr >= np.quantile(arr[arr > 0], 0.95) if (arr > 0).any() else arr > 0
+    if not top.any():
+        return "over the head"
+    centre = disagreement.physical_points(np.argwhere(top)[:, ::-1].mean(0)[None])[0] - head_centre_mm
+    words = []
+    for value, (pos, neg), cut in zip(centre, (("left", "right"), ("back", "front"), ("upper", "lower")),
+                                      (20.0, 25.0, 20.0)):
+        if abs(value) > cut:
+            words.append(pos if value > 0 else neg)  # LPS: +x left, +y back (posterior), +z up
+    return f"in the {' '.join(words)} part of the head" if words else "in the middle of the head"
+
+
+def verdict(result, calibration: Calibration | None = None) -> Verdict:
+    """The verdict on `result`'s winner (raises ValueError when there is none)."""
+    from .scoring import head_mask
+
+    if result.best is None:
+        raise ValueError("no winner to judge")
+    t0 = time.perf_counter()
+    calibration = calibration or Calibration.load()
+    grid = coarsened(result.fixed, GRID_MM)
+    head = head_mask(grid, result.fixed_modality)
+    sig, disagreement = signals(result, head)
+    est, low, high = calibration.interval(sig)
+    if est > calibration.red_min_mm:
+        light = "red"
+    elif high <= calibration.green_max_mm and sig.opinions > 0:
+        light = "green"
+    else:
+        light = "amber"
+    worst = None
+    if disagreement is None:
+        reason = ("only one candidate passed: no second opinion, so the estimate rests on the score alone "
+                  "and its interval is wide")
+    else:
+        centre = grid.physical_points(np.argwhere(head)[:, ::-1].mean(0)[None])[0]
+        where = _where(disagreement, centre)
+        arr = np.nan_to_num(disagreement.array, nan=0.0)
+        worst = int(np.argmax(arr.reshape(arr.shape[0], -1).max(axis=1)))
+        if sig.nearest_mm < 1.0:
+            reason = (f"{sig.opinions} other candidate{'s' if sig.opinions > 1 else ''}; the closest agrees within "
+                      f"{sig.nearest_mm:.1f} mm; they differ most ({sig.p95_mm:.1f} mm) {where}")
+        else:
+            reason = (f"candidates disagree by {sig.median_mm:.1f} mm (up to {sig.p95_mm:.1f} mm {where}); "
+                      f"the closest is {sig.nearest_mm:.1f} mm away")
+    return Verdict(light, est, low, high, reason, sig, time.perf_counter() - t0, disagreement, worst)
