@@ -14,6 +14,7 @@ import time
 from .errors import Cancelled, InputError
 from .events import Status, is_cancelled
 from .image import Image, as_image, prepare_input
+from .masks import load_user_masks
 from .modality import modality_or_guess
 from .presets import Table, table_from_presets
 from .presets import resolve_table as presets_resolve_table
@@ -40,7 +41,8 @@ def resolve_table(fixed: Image, moving: Image, fixed_modality, moving_modality, 
 def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_modality: str | None = None,
                   table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
                   device: str = "auto", progress=None, cancel=None, threads_per_job: int | None = None,
-                  memory_limit_mb: int | None = None, work_dir=None) -> RegistrationResult:
+                  memory_limit_mb: int | None = None, work_dir=None, fixed_mask=None, moving_mask=None,
+                  focus=None) -> RegistrationResult:
     """Run every preset of the table for this modality pair, score each, and return all with the best.
 
     `fixed`/`moving` are paths, SimpleITK/ITK/ANTs images or `Image`s; their modalities (T1, T2, FLAIR,
@@ -54,6 +56,12 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     needs about 1500 MB just to load). `work_dir` is where the run's temporary folder goes (default: the
     system's temporary folder); the engine client puts it inside its run folder, so removing that folder
     cleans up even after a kill.
+
+    `fixed_mask` and `moving_mask` say where each image holds what matters, and `focus` ("align this structure
+    best") is a region of the fixed image where the result is judged. Each is a path (a labelmap, nonzero inside),
+    a `masks.MaskSpec` (a Slicer ``.seg.nrrd`` and the segment's name), an `Image`, a SimpleITK image, a numpy
+    array on its image's grid or, for the focus, a `masks.FocusBox`; one on another grid is resampled onto its
+    image's (result.json's ``inputs.masks`` records each and the notes of what resampling lost).
 
     Nothing is written: `report.write_outputs(result, out_dir)` writes the outputs. Raises InputError for
     bad input and when torch (needed to score) is not installed, before any worker starts, and Cancelled
@@ -73,6 +81,8 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     ncores = os.cpu_count() or 1
     fixed_f = prepare_input(fixed_img, "fixed")
     moving_f = prepare_input(moving_img, "moving")
+    # Before any worker starts: a bad mask is a usage error, reported at once.
+    user_masks = load_user_masks(fixed_f, moving_f, fixed_mask=fixed_mask, moving_mask=moving_mask, focus=focus)
     if device != "auto":
         pick_device(device)  # a bad or missing device is a usage error, reported before any work starts
     require_torch()
@@ -92,7 +102,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     scored_on, setup_seconds = run_race(
         fixed_f, moving_f, fixed_modality, chosen.scoring, runnable, candidates, schedule, device=device,
         jobs=jobs, cores=ncores, timeout_s=timeout_s, progress=progress or (lambda event: None), cancel=cancel,
-        memory_limit_mb=memory_limit_mb, threads_per_job=threads_per_job, work_dir=work_dir)
+        memory_limit_mb=memory_limit_mb, threads_per_job=threads_per_job, work_dir=work_dir, masks=user_masks)
 
     ordered = [candidates[p.name] for p in chosen.presets]
     best = ranked(ordered, chosen.scoring)
@@ -103,7 +113,8 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         candidates=ordered, best=best[0] if best else None, fixed=fixed_f, moving=moving_f,
         fixed_modality=fixed_modality, moving_modality=moving_modality, table=chosen,
         inputs={"fixed": _described(fixed), "moving": _described(moving), "device": scored_on or device,
-                "jobs": jobs, "racing": schedule.to_dict() if schedule is not None else None},
+                "jobs": jobs, "racing": schedule.to_dict() if schedule is not None else None,
+                "masks": user_masks.to_dict()},
         scorer_setup_seconds=setup_seconds, wall_seconds=time.perf_counter() - wall_start,
     )
 

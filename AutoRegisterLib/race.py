@@ -259,7 +259,7 @@ def _race_coarse_to_fine(runner: Runner, full: _Round, presets: list[Preset], sc
 def run_race(fixed: Image, moving: Image, fixed_modality: str, settings: ScoringSettings, presets: list[Preset],
              candidates: dict[str, Candidate], schedule: RacingSchedule | None, *, device: str, jobs: int,
              cores: int, timeout_s: float | None, progress, cancel, memory_limit_mb: int | None,
-             threads_per_job: int | None, work_dir=None) -> tuple[str | None, float]:
+             threads_per_job: int | None, work_dir=None, masks=None) -> tuple[str | None, float]:
     """Race `presets` on the prepared images and fill in their `candidates` (a dict by name, whose
     eliminated entries are replaced); return the device scores ran on (None when the scorer never
     loaded) and the seconds loading the scorer took.
@@ -277,6 +277,7 @@ def run_race(fixed: Image, moving: Image, fixed_modality: str, settings: Scoring
                         cores) as runner:
                 full = _Round(fixed, moving, fixed_modality, settings, setup, candidates, progress,
                               runner.free_cores)
+                full._masks = masks  # the user's masks (masks.UserMasks or None); not used by the race yet
                 setup.start()
                 if schedule is not None:
                     _race_coarse_to_fine(runner, full, presets, schedule, fixed_modality, tmp, progress)

@@ -12,6 +12,10 @@ takes the segment's layer from ``SegmentN_Layer`` (else N) and pads the segment 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +32,8 @@ from AutoRegisterLib.masks import (
     load_user_masks,
     segment_names,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def grid(shape=(12, 14, 16), spacing=(2.0, 2.0, 2.0), origin=(-10.0, 4.0, 30.0), direction=None, dtype=np.float32):
@@ -330,3 +336,111 @@ def test_bad_in_memory_masks_say_what_is_wrong(fixed):
         FocusBox((0.0, 0.0, 0.0), (5.0, 0.0, 5.0))
     with pytest.raises(InputError, match="shape"):
         load_mask(LoadedMask(np.ones((2, 2, 2), bool), None, "x"), fixed, "fixed mask")
+
+
+# --- the command line: exit 2, one line, before any preset runs -----------------------------------
+
+def run_cli(*args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "AutoRegisterLib", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture()
+def pair(tmp_path, fixed):
+    paths = tmp_path / "fixed image.nrrd", tmp_path / "moving.nrrd"
+    write_image(fixed, paths[0])
+    write_image(fixed.with_array(fixed.array[:, :, ::-1].copy()), paths[1])
+    return paths
+
+
+CLI_CASES = [_empty, _elsewhere, _flat, _missing_segment, _unreadable]
+
+
+@pytest.mark.parametrize("make", CLI_CASES, ids=[m.__name__.strip("_") for m in CLI_CASES])
+def test_the_command_line_refuses_a_bad_mask_with_exit_2_before_any_preset_runs(tmp_path, fixed, pair, make):
+    source, problem = make(tmp_path, fixed)
+    path, segment = (source.source, source.segment) if isinstance(source, MaskSpec) else (source, None)
+    args = [*pair, "--out", tmp_path / "out", "--presets", "sitk-rigid", "--progress-json", "--fixed-mask", path]
+    proc = run_cli(*args, *(["--fixed-mask-segment", segment] if segment else []))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autoregister: error: fixed mask: "), proc.stderr
+    assert str(path) in lines[0] and problem in lines[0] and "Traceback" not in proc.stderr
+    events = [json.loads(line)["event"] for line in proc.stdout.splitlines()]
+    assert events == ["hello", "done"]  # no worker started
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--fixed-mask-segment", "--moving-mask-segment", "--focus-segment"])
+def test_a_segment_option_without_its_mask_is_a_usage_error(tmp_path, pair, flag):
+    proc = run_cli(*pair, "--out", tmp_path / "out", flag, "Liver")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    mask_flag = flag[: -len("-segment")]
+    assert len(lines) == 1 and f"{flag} needs {mask_flag}" in lines[0], proc.stderr
+
+
+def test_engine_command_passes_masks_and_segments_as_options_the_parser_reads(tmp_path):
+    from AutoRegisterLib.cli import build_parser, engine_command
+
+    argv = engine_command("f.nrrd", "m.nrrd", tmp_path, fixed_mask="-odd name.seg.nrrd", fixed_mask_segment="Liver",
+                          moving_mask="m mask.nii.gz", focus="box.nrrd")
+    args = build_parser().parse_args(argv[argv.index("-m") + 2:])
+    assert (args.fixed_mask, args.fixed_mask_segment) == ("-odd name.seg.nrrd", "Liver")
+    assert (args.moving_mask, args.moving_mask_segment, args.focus, args.focus_segment) == (
+        "m mask.nii.gz", None, "box.nrrd", None)
+    with pytest.raises(ValueError, match="focus_segment needs focus"):
+        engine_command("f.nrrd", "m.nrrd", tmp_path, focus_segment="Liver")
+
+
+# --- auto_register: the masks reach the race and result.json --------------------------------------
+
+def test_auto_register_loads_masks_first_records_them_and_hands_them_to_the_race(fixed, tmp_path, monkeypatch):
+    from AutoRegisterLib import pipeline
+
+    raced = {}
+
+    def fake_race(*args, **kwargs):
+        raced.update(kwargs)
+        return "cpu", 0.0
+
+    monkeypatch.setattr(pipeline, "run_race", fake_race)
+    inside = np.zeros(fixed.array.shape, bool)
+    inside[2:6, 2:6, 2:6] = True
+    box = FocusBox((0.0, 18.0, 40.0), (9.0, 7.0, 5.0))
+    result = pipeline.auto_register(fixed, fixed, fixed_modality="T1", moving_modality="T1", presets=["sitk-rigid"],
+                                    fixed_mask=inside, focus=box)
+    masks = raced["masks"]
+    assert np.array_equal(masks.fixed.array, inside) and masks.moving is None and masks.focus.array.any()
+    assert result.inputs["masks"] == {"fixed_mask": "numpy array", "moving_mask": None, "focus": box.describe(),
+                                      "notes": []}
+    raced.clear()
+    with pytest.raises(InputError, match="moving mask: numpy array: is empty"):
+        pipeline.auto_register(fixed, fixed, fixed_modality="T1", moving_modality="T1", presets=["sitk-rigid"],
+                               moving_mask=np.zeros(fixed.array.shape, bool))
+    assert raced == {}  # refused before the race
+
+
+@pytest.mark.slow
+def test_a_run_with_masks_prints_the_note_first_and_records_the_masks(rigid_case4, tmp_path):
+    fixed_path, moving_path = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
+    write_image(rigid_case4.fixed, fixed_path)
+    write_image(rigid_case4.moving, moving_path)
+    # A head mask at twice the resolution: resampled onto the 4 mm grid, with a note.
+    head = rigid_case4.fixed
+    fine = Image(np.repeat(np.repeat(np.repeat((head.array > np.percentile(head.array, 60)).astype(np.uint8), 2, 0),
+                                     2, 1), 2, 2),
+                 tuple(s / 2 for s in head.spacing_mm),
+                 tuple(np.asarray(head.origin_mm) - head.direction @ (np.asarray(head.spacing_mm) / 4)), head.direction)
+    mask_path = tmp_path / "head mask.nrrd"
+    write_image(fine, mask_path)
+    out = tmp_path / "out"
+    proc = run_cli(fixed_path, moving_path, "--out", out, "--presets", "sitk-rigid", "--quiet",
+                   "--fixed-mask", mask_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("autoregister: note: ")]
+    assert len(notes) == 1 and f"fixed mask: {mask_path}: resampled" in notes[0] and "finer" in notes[0]
+    recorded = json.loads((out / "result.json").read_text())["inputs"]["masks"]
+    assert recorded["fixed_mask"] == str(mask_path) and recorded["moving_mask"] is None
+    assert recorded["notes"] == [notes[0][len("autoregister: note: "):]]
