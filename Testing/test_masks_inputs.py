@@ -251,6 +251,27 @@ def test_a_segmentation_written_by_slicer_reads_back_segment_by_segment(tmp_path
         assert np.array_equal(mask.array, inside), name
 
 
+def test_slicer_reads_our_segmentation_file_as_the_same_segments(liver_and_tumour, fixed, slicer_segmentations):
+    """The file the tests write is Slicer's format: Slicer's own reader finds the same segments and voxels."""
+    slicer = slicer_segmentations
+    from AutoRegisterLib import mrml
+
+    path, layer0, layer1 = liver_and_tumour
+    scene = slicer.vtkMRMLScene()
+    volume = mrml.volume_node_from_image(fixed, scene, "fixed")
+    segmentation = scene.AddNode(slicer.vtkMRMLSegmentationNode())
+    storage = scene.AddNode(slicer.vtkMRMLSegmentationStorageNode())
+    storage.SetFileName(str(path))
+    assert storage.ReadData(segmentation)
+    content = segmentation.GetSegmentation()
+    names = {content.GetNthSegment(i).GetName(): content.GetNthSegmentID(i) for i in range(content.GetNumberOfSegments())}
+    assert set(names) == {"Liver", "Vessels", "Tumour"}
+    for name in names:
+        by_slicer = mrml.mask_from_node(segmentation, volume, names[name], world=True)
+        ours = load_mask(MaskSpec(path, name), fixed, "fixed mask")
+        assert np.array_equal(by_slicer.array != 0, ours.array), name
+
+
 # --- bad input: one line, naming the problem and the file ----------------------------------------
 
 def _empty(tmp_path, fixed):
