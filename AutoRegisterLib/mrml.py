@@ -184,16 +184,16 @@ def mask_from_node(node, reference, segment_id: str | None = None, world: bool =
     """A user's mask node for the volume node `reference`, in the frame the reference is exported in (world
     coordinates when `world`, as the fixed volume is; else the reference's own, as the moving volume is).
 
-    A segmentation node gives its segment `segment_id` on the reference's grid, exported by Slicer's own
+    A segmentation node gives its segment `segment_id` (an ID or a name; may be None when it holds one segment)
+    on the reference's grid, exported by Slicer's own
     vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode (which resamples through any transforms
     between the two); a labelmap volume node gives its voxels (nonzero inside) on its own grid; both as an `Image`.
     A markups ROI node gives a `masks.FocusBox` in world LPS (only when `world`)."""
     name = node.GetName()
     if node.IsA("vtkMRMLSegmentationNode"):
-        mask = _segment_on_grid_of(node, reference, segment_id, world)
+        segment_name, mask = _segment_on_grid_of(node, reference, segment_id, world)
         if not mask.array.any():
-            segment = node.GetSegmentation().GetSegment(segment_id)
-            raise InputError(f"segment '{segment.GetName()}' of '{name}' covers no voxel of '{reference.GetName()}'")
+            raise InputError(f"segment '{segment_name}' of '{name}' covers no voxel of '{reference.GetName()}'")
         return mask
     if node.IsA("vtkMRMLMarkupsROINode"):
         if not world:
@@ -212,15 +212,20 @@ def mask_from_node(node, reference, segment_id: str | None = None, world: bool =
     raise InputError(f"'{name}' ({node.GetClassName()}) cannot be a mask: use a labelmap, a segmentation or an ROI")
 
 
-def _segment_on_grid_of(segmentation, reference, segment_id, world: bool) -> Image:
-    """One segment as a 0/1 labelmap on `reference`'s grid, through a temporary labelmap node."""
+def _segment_on_grid_of(segmentation, reference, segment_id, world: bool) -> tuple[str, Image]:
+    """One segment's name and the segment as a labelmap on `reference`'s grid, through a temporary labelmap node."""
     import vtk
 
     slicer = _slicer()
-    name = segmentation.GetName()
+    name, content = segmentation.GetName(), segmentation.GetSegmentation()
+    if not segment_id and content.GetNumberOfSegments() == 1:
+        segment_id = content.GetNthSegmentID(0)
     if not segment_id:
         raise InputError(f"segmentation '{name}': choose a segment")
-    if segmentation.GetSegmentation().GetSegment(segment_id) is None:
+    if content.GetSegment(segment_id) is None:
+        # From the Python console a segment is often named rather than given by ID.
+        segment_id = content.GetSegmentIdBySegmentName(segment_id) or segment_id
+    if content.GetSegment(segment_id) is None:
         raise InputError(f"segmentation '{name}' has no segment '{segment_id}'")
     scene = segmentation.GetScene()
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
@@ -233,7 +238,7 @@ def _segment_on_grid_of(segmentation, reference, segment_id, world: bool) -> Ima
                 segmentation, ids, labelmap, reference, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
             raise InputError(f"segmentation '{name}': Slicer could not export segment '{segment_id}'")
         # The labelmap now sits under the reference's parent transform, on its grid.
-        return image_from_volume_node(labelmap, world=world)
+        return content.GetSegment(segment_id).GetName(), image_from_volume_node(labelmap, world=world)
     finally:
         # Everything the export added goes: the labelmap, its display node, its colour table.
         added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]

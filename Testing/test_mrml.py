@@ -452,8 +452,18 @@ def test_mask_export_leaves_the_scene_as_it_was_and_refuses_what_is_no_mask(slic
     before = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
     mrml.mask_from_node(segmentation, volume, segment_id, world=True)
     assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before
+    # From the console: a segment by name, or none when there is one.
+    by_id = mrml.mask_from_node(segmentation, volume, segment_id).array
+    assert np.array_equal(mrml.mask_from_node(segmentation, volume, "Liver").array, by_id)
+    assert np.array_equal(mrml.mask_from_node(segmentation, volume, None).array, by_id)
+    two, _, _ = _segmentation_of(scene, reference, np.s_[1:2, 1:2, 1:2], name="Kidney")
+    labels = np.zeros(reference.array.shape, np.uint8)
+    labels[5:7, 5:7, 5:7] = 1
+    extra = mrml.volume_node_from_image(reference.with_array(labels), scene, "extra",
+                                        node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(extra, two, "")
     with pytest.raises(InputError, match="choose a segment"):
-        mrml.mask_from_node(segmentation, volume, None)
+        mrml.mask_from_node(two, volume, None)
     with pytest.raises(InputError, match="has no segment 'Segment_9'"):
         mrml.mask_from_node(segmentation, volume, "Segment_9")
     far = Image(np.zeros((4, 4, 4), np.float32), (2.0, 2.0, 2.0), (300.0, 300.0, 300.0))
