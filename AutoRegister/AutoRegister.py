@@ -12,14 +12,19 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Union
 
 import qt
 import slicer
 import vtk
 from AutoRegisterSlicerLib import dependencies, environment
 from AutoRegisterSlicerLib.selftest import SelfTestSteps
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -57,6 +62,9 @@ from AutoRegisterLib.events import DEVICES  # noqa: E402
 from AutoRegisterLib.modality import MODALITIES  # noqa: E402
 
 AUTOMATIC_TABLE = "Automatic"
+#: The optional mask inputs: each is a parameter (a node), a "<role>SegmentID" parameter (the segment, when the
+#: node is a segmentation), a "<role>Selector" and a "<role>SegmentSelector" in the .ui.
+MASK_ROLES = ("fixedMask", "movingMask", "focus")
 
 
 #
@@ -106,6 +114,15 @@ class AutoRegisterParameterNode:
     timeoutSeconds: Annotated[int, WithinRange(10, 36000)] = 600
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     keepAllCandidates: bool = False
+    # A Union of node types must list None: its serializer refuses to write None otherwise, and None is the
+    # default written when the node is made (parameterNodeWrapper/serializers.py UnionSerializer, util.py).
+    fixedMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
+    movingMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
+    focus: Union[vtkMRMLSegmentationNode, vtkMRMLMarkupsROINode, None]
+    # Not bound: no connector takes a qMRMLSegmentSelectorWidget; the module keeps them in sync.
+    fixedMaskSegmentID: str = ""
+    movingMaskSegmentID: str = ""
+    focusSegmentID: str = ""
 
 
 #
@@ -155,6 +172,10 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsTable.connect("itemSelectionChanged()", self.onResultSelectionChanged)
         self.ui.tableComboBox.connect("currentIndexChanged(int)", self.onTableChanged)
         self.ui.presetsListWidget.connect("itemChanged(QListWidgetItem*)", self.onPresetToggled)
+        for role in MASK_ROLES:
+            getattr(self.ui, f"{role}SegmentSelector").connect(
+                "currentSegmentChanged(QString)", lambda segmentID, role=role: self.onSegmentChanged(role, segmentID))
+        self.ui.warningsLabel.visible = False
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
@@ -227,7 +248,35 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.guessModalitiesOfNewVolumes()
             self.selectTableInCombo(p.tableName)
             self.updatePresetList()
+            self.updateSegmentSelectors()
         self.updateButtons()
+
+    def updateSegmentSelectors(self) -> None:
+        """Show a mask's segment selector when its node is a segmentation, on the segment the node remembers."""
+        p = self._parameterNode
+        for role in MASK_ROLES:
+            node = getattr(p, role)
+            selector = getattr(self.ui, f"{role}SegmentSelector")
+            isSegmentation = node is not None and node.IsA("vtkMRMLSegmentationNode")
+            selector.visible = isSegmentation
+            if not isSegmentation:
+                continue
+            remembered = getattr(p, f"{role}SegmentID")
+            if selector.currentNode() is not node:
+                selector.setCurrentNode(node)  # fills its segments and may select one (and say so)
+            if remembered and selector.currentSegmentID() != remembered:
+                selector.setCurrentSegmentID(remembered)  # does nothing when this segmentation lacks it
+            # Some Slicer versions select without a signal: the node follows what the selector shows.
+            if getattr(p, f"{role}SegmentID") != selector.currentSegmentID():
+                setattr(p, f"{role}SegmentID", selector.currentSegmentID())
+
+    def onSegmentChanged(self, role, segmentID) -> None:
+        """Remember the segment picked for a mask, when its selector shows that mask's segmentation."""
+        p = self._parameterNode
+        selector = getattr(self.ui, f"{role}SegmentSelector")
+        if p and getattr(p, role) is not None and selector.currentNode() is getattr(p, role):
+            if getattr(p, f"{role}SegmentID") != segmentID:
+                setattr(p, f"{role}SegmentID", segmentID)
 
     def guessModalitiesOfNewVolumes(self) -> None:
         """Guess the modality of a volume the user just picked; a modality the user corrected stays.
@@ -352,6 +401,8 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
             p = self._parameterNode
             self.ui.resultsTable.setRowCount(0)
+            self.ui.warningsLabel.text = ""
+            self.ui.warningsLabel.visible = False
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting...")
             self._run = self.logic.start(p.fixedVolume, p.movingVolume, **self.logic.optionsFromParameterNode(p))
@@ -406,6 +457,9 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Fill the results table and highlight the winner; rows without a transform cannot be selected."""
         self.ui.progressBar.value = 100
         self.ui.statusLabel.text = result.message
+        warnings = self.logic.resultWarnings(result)
+        self.ui.warningsLabel.text = "\n".join(_("Warning: {text}").format(text=w) for w in warnings)
+        self.ui.warningsLabel.visible = bool(warnings)
         table = self.ui.resultsTable
         self._fillingResults = True
         try:
@@ -569,6 +623,9 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
             scoringWindowVoxels=self.scoringWindow(p.scoringWindowVoxels), jobs=p.jobs or None,
             timeoutSeconds=p.timeoutSeconds, device=p.device, keepAllCandidates=p.keepAllCandidates,
             createOutputVolume=p.createOutputVolume,
+            fixedMask=p.fixedMask, fixedMaskSegmentID=p.fixedMaskSegmentID or None,
+            movingMask=p.movingMask, movingMaskSegmentID=p.movingMaskSegmentID or None,
+            focus=p.focus, focusSegmentID=p.focusSegmentID or None,
         )
 
     # --- dependencies and the engine's environment (AutoRegisterSlicerLib) ---------------------
@@ -593,8 +650,13 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
 
     def start(self, fixedVolume, movingVolume, fixedModality=None, movingModality=None, table=None,
               presets=None, disabledPresets=(), scoringWindowVoxels=None, jobs=None, timeoutSeconds=600,
-              device="auto", keepAllCandidates=False, createOutputVolume=False):
-        """Write the volumes into a new run folder and start the engine; returns an AutoRegisterRun."""
+              device="auto", keepAllCandidates=False, createOutputVolume=False, fixedMask=None,
+              fixedMaskSegmentID=None, movingMask=None, movingMaskSegmentID=None, focus=None, focusSegmentID=None):
+        """Write the volumes into a new run folder and start the engine; returns an AutoRegisterRun.
+
+        `fixedMask` and `movingMask` (a labelmap volume node, or a segmentation node with the ID of its segment)
+        say where each volume holds what matters; `focus` (a segmentation segment or a markups ROI node) is
+        the structure of the fixed volume to align best. Each is placed where it shows in the views."""
         from AutoRegisterLib import mrml
         from AutoRegisterLib.background import start_registration
 
@@ -604,15 +666,28 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("The fixed and moving volumes must be different."))
         automatic = not table or table == AUTOMATIC_TABLE
         # Fixed as the user sees it; moving in its own coordinates, because our result replaces its parent.
+        # Each mask in the frame of its volume.
+        masks = {
+            "fixed_mask": self._mask(fixedMask, fixedMaskSegmentID, fixedVolume, world=True),
+            "moving_mask": self._mask(movingMask, movingMaskSegmentID, movingVolume, world=False),
+            "focus": self._mask(focus, focusSegmentID, fixedVolume, world=True),
+        }
         engine, tableName = start_registration(
             environment.temporaryFolder(), mrml.image_from_volume_node(fixedVolume, world=True),
             mrml.image_from_volume_node(movingVolume), fixed_modality=fixedModality or self.guessModality(fixedVolume),
             moving_modality=movingModality or self.guessModality(movingVolume), table=None if automatic else table,
             presets=presets, disabled=disabledPresets, window_voxels=scoringWindowVoxels,
             timeout_s=timeoutSeconds, device=device, jobs=jobs, python=environment.pythonExecutable(),
-            env=self.engineEnvironment())
+            env=self.engineEnvironment(), **masks)
         logging.info(f"AutoRegister: {' '.join(engine.argv)}")
         return AutoRegisterRun(engine, fixedVolume, movingVolume, tableName, keepAllCandidates, createOutputVolume)
+
+    @staticmethod
+    def _mask(node, segmentID, volume, world):
+        """A mask node as the library takes it (an Image or a FocusBox), or None."""
+        from AutoRegisterLib import mrml
+
+        return None if node is None else mrml.mask_from_node(node, volume, segmentID, world=world)
 
     def register(self, fixedVolume, movingVolume, progress=None, timeout=None, **options):
         """Register without the GUI: start the engine, wait (Slicer keeps drawing), apply the best result.
@@ -657,6 +732,8 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
             details = outputs.message or f"exit code {outputs.exit_code}"
             raise RuntimeError(_("The registration engine failed: {details}").format(details=details))
         self._checkEngineLibrary(engine)
+        for warning in self.resultWarnings(outputs):
+            logging.warning(f"AutoRegister: {warning}")
         for node in (run.fixedVolume, run.movingVolume):
             if not self.scene.IsNodePresent(node):
                 raise RuntimeError(_("An input volume was removed during the registration; nothing was applied."))
@@ -685,6 +762,11 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
                 os.path.realpath(library)) != os.path.normcase(os.path.realpath(libraryRoot()))):
             logging.warning(f"AutoRegister: the engine ran AutoRegisterLib {hello.get('version')} from {library}, "
                             f"this module uses {AutoRegisterLib.__version__} from {libraryRoot()}")
+
+    @staticmethod
+    def resultWarnings(result):
+        """What a run warns the user of: result.json's warnings, then the notes on the masks."""
+        return list(result.warnings) + list(result.mask_notes)
 
     def applyCandidate(self, result, name):
         """Make candidate `name` the moving volume's parent transform (and refill the output volume)."""

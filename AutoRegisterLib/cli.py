@@ -10,6 +10,11 @@ carries one JSON event per line (see `events`), the first ``hello`` with the eng
 the last ``done`` with the exit code. ``--cancel-file PATH`` cancels the run once PATH exists (the engine
 kills its workers, removes its temporary folder and exits 130); ``--work-dir DIR`` puts every temporary
 file of the run (the engine's, the workers', the external tools') under DIR.
+
+``--fixed-mask``, ``--moving-mask`` and ``--focus`` take a labelmap file (nonzero inside) or a Slicer segmentation
+(``.seg.nrrd``) with ``--fixed-mask-segment`` etc. naming the segment. A bad mask (empty, outside its image, 2D
+for a 3D image, a missing segment, unreadable) is a usage error reported before any preset runs; one on another
+grid is resampled onto its image's, with an ``autoregister: note:`` line on stderr when that loses something.
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ from .events import DEVICES, ExitCode, event_line, is_cancelled
 EXIT_OK, EXIT_USAGE, EXIT_NO_RESULT, EXIT_CANCELLED = (ExitCode.OK, ExitCode.USAGE, ExitCode.NO_RESULT,
                                                        ExitCode.CANCELLED)
 _Parser = Parser
+
+#: The mask options (flag, what `masks.load_mask` calls it), each with a ``-segment`` companion.
+MASK_OPTIONS = (("fixed-mask", "fixed mask"), ("moving-mask", "moving mask"), ("focus", "focus"))
+MASK_HELP = {
+    "fixed-mask": "where the fixed image holds what matters: a labelmap (nonzero inside) or a .seg.nrrd",
+    "moving-mask": "where the moving image holds what matters: a labelmap (nonzero inside) or a .seg.nrrd",
+    "focus": "the structure of the fixed image to align best (a labelmap or a .seg.nrrd): the result is judged there",
+}
 
 #: Set by Slicer's launcher; a process that loads pip's ITK/ANTs with it set can crash (Slicer clears it
 #: for its own CLI modules too: Base/Logic/vtkSlicerCLIModuleLogic.cxx).
@@ -46,6 +59,10 @@ def build_parser() -> Parser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--table", help="preset table JSON file")
     group.add_argument("--presets", help="comma-separated preset names to race instead of a table")
+    for flag, what in MASK_OPTIONS:
+        p.add_argument(f"--{flag}", metavar="PATH", help=MASK_HELP[flag])
+        p.add_argument(f"--{flag}-segment", metavar="NAME",
+                       help=f"the segment of the {what} to use, when --{flag} is a Slicer segmentation (.seg.nrrd)")
     p.add_argument("--keep-all", action="store_true", help="write every successful candidate's transform")
     p.add_argument("--jobs", type=int, help="parallel workers (default: one per core)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per preset (default 600)")
@@ -67,12 +84,15 @@ def build_parser() -> Parser:
 
 def engine_command(fixed_path, moving_path, out_dir, *, python=sys.executable, table_path=None, presets=None,
                    fixed_modality=None, moving_modality=None, timeout_s=600, device="auto", jobs=None,
-                   keep_all=True, cancel_file=None, work_dir=None, memory_limit_mb=None) -> list[str]:
+                   keep_all=True, cancel_file=None, work_dir=None, memory_limit_mb=None, fixed_mask=None,
+                   fixed_mask_segment=None, moving_mask=None, moving_mask_segment=None, focus=None,
+                   focus_segment=None) -> list[str]:
     """The argument list that runs the engine (``python -m AutoRegisterLib ... --progress-json``).
 
     Built here, beside `build_parser`, so each flag has one owner. `python` is the interpreter, or a list
     (a launcher, interpreter options). `presets` is a list or comma-separated names (instead of
-    `table_path`); the paths come last, after ``--``, so a file name may start with '-'.
+    `table_path`); the paths come last, after ``--``, so a file name may start with '-'. `fixed_mask`,
+    `moving_mask` and `focus` are mask files, each with its segment's name for a Slicer segmentation.
     """
     if table_path is not None and presets:
         raise ValueError("give table_path or presets, not both")
@@ -97,12 +117,27 @@ def engine_command(fixed_path, moving_path, out_dir, *, python=sys.executable, t
         cmd += ["--cancel-file", str(cancel_file)]
     if work_dir is not None:
         cmd += ["--work-dir", str(work_dir)]
+    given = {"fixed-mask": (fixed_mask, fixed_mask_segment), "moving-mask": (moving_mask, moving_mask_segment),
+             "focus": (focus, focus_segment)}
+    for flag, (path, segment) in given.items():
+        if path is None and segment is not None:
+            raise ValueError(f"{flag.replace('-', '_')}_segment needs {flag.replace('-', '_')}")
+        if path is not None:
+            # "--flag=value": a path that starts with '-' is still the option's value.
+            cmd.append(f"--{flag}={path}")
+            if segment is not None:
+                cmd.append(f"--{flag}-segment={segment}")
     return cmd + ["--", str(fixed_path), str(moving_path)]
 
 
 def _library_root() -> str:
     """The folder this engine imported AutoRegisterLib from (a client checks it is the copy it expects)."""
     return os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+
+
+def _option_value(args, flag: str):
+    """The parsed value of ``--flag``."""
+    return getattr(args, flag.replace("-", "_"))
 
 
 def _json_progress(event: dict) -> None:
@@ -123,7 +158,11 @@ def register_main(argv) -> int:
 
         # First, before anything can fail: the client learns the engine's own pid (not a launcher's).
         _json_progress({"event": "hello", "pid": os.getpid(), "version": __version__, "library": _library_root()})
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, _ in MASK_OPTIONS:
+        if _option_value(args, f"{flag}-segment") is not None and _option_value(args, flag) is None:
+            parser.error(f"--{flag}-segment needs --{flag}")
     cancel = None
     if args.cancel_file:
         cancel_file = args.cancel_file
@@ -156,6 +195,15 @@ def register_main(argv) -> int:
         check_output_dir(args.out)
         fixed = read_image(args.fixed)
         moving = read_image(args.moving)
+        from .masks import MaskSpec, load_user_masks
+
+        # Here, not only inside auto_register: a bad mask fails before anything else loads, and the notes come
+        # first, not after the run.
+        user_masks = load_user_masks(fixed, moving, **{
+            what.replace(" ", "_"): MaskSpec(_option_value(args, flag), _option_value(args, f"{flag}-segment"))
+            for flag, what in MASK_OPTIONS if _option_value(args, flag) is not None})
+        for note in user_masks.notes():
+            print(f"autoregister: note: {note}", file=sys.stderr, flush=True)
         from .pipeline import auto_register
 
         if args.progress_json:
@@ -170,7 +218,8 @@ def register_main(argv) -> int:
                 table=args.table, presets=args.presets, jobs=args.jobs, timeout_s=args.timeout,
                 device=args.device, progress=progress, memory_limit_mb=args.memory_limit_mb, cancel=cancel,
                 work_dir=args.work_dir, pose_search=not args.no_pose_search,
-                output_grid=args.output_grid)
+                output_grid=args.output_grid, fixed_mask=user_masks.fixed, moving_mask=user_masks.moving,
+                focus=user_masks.focus)
         finally:
             if bar is not None:
                 bar.close()

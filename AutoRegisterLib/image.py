@@ -191,6 +191,20 @@ def from_numpy(array_zyx, spacing_mm=None, origin_mm=None, direction=None) -> Im
 
 def read_image(path) -> Image:
     """Read NIfTI, NRRD, MHA or a DICOM series folder; user errors raise InputError naming the file."""
+    p = Path(path)
+    img = read_sitk(p)
+    dim = img.GetDimension()
+    if dim == 4 or (dim == 3 and img.GetNumberOfComponentsPerPixel() > 1):
+        raise InputError(f"{p}: 4D or multi-component images are not supported (size {img.GetSize()})")
+    try:
+        return from_sitk(img)
+    except InputError as exc:
+        raise InputError(f"{p}: {exc}") from None
+
+
+def read_sitk(path):
+    """Read a file or DICOM series folder as a SimpleITK image, its metadata kept (any dimension and number of
+    components); user errors raise InputError naming the file."""
     import SimpleITK as sitk
 
     p = Path(path)
@@ -213,13 +227,7 @@ def read_image(path) -> Image:
         if "Unable to determine ImageIO reader" in detail:
             detail = "not a format SimpleITK reads: NIfTI, NRRD, MHA, DICOM, ..."
         raise InputError(f"{p}: not a readable image ({detail[:160] or 'unknown format'})") from None
-    dim = img.GetDimension()
-    if dim == 4 or (dim == 3 and img.GetNumberOfComponentsPerPixel() > 1):
-        raise InputError(f"{p}: 4D or multi-component images are not supported (size {img.GetSize()})")
-    try:
-        return from_sitk(img)
-    except InputError as exc:
-        raise InputError(f"{p}: {exc}") from None
+    return img
 
 
 def itk_reason(message: str) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import InputError
 from .image import Image
+from .masks import FocusBox
 from .transforms import displacement_field, downcast, homogeneous_matrix
 
 #: Diagonal flip that maps RAS coordinates to LPS and back.
@@ -68,18 +69,36 @@ def ijk_to_ras(node, world: bool = False) -> np.ndarray:
     local = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(local)
     matrix = _numpy_matrix(local)
-    parent = node.GetParentTransformNode()
-    if world and parent is not None:
-        if not parent.IsTransformToWorldLinear():
-            raise InputError(f"volume '{node.GetName()}' sits under a non-linear transform; harden it first")
-        to_world = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(to_world)
-        matrix = _numpy_matrix(to_world) @ matrix
+    if world and node.GetParentTransformNode() is not None:
+        matrix = parent_to_world(node) @ matrix
     return matrix
 
 
 def image_from_volume_node(node, world: bool = False) -> Image:
     """Copy a scalar volume node into an LPS `Image`; `world` applies a linear parent transform."""
+    to_frame = None
+    if world and node is not None and node.GetParentTransformNode() is not None:
+        to_frame = parent_to_world(node)
+    return _volume_image(node, to_frame)
+
+
+def parent_to_world(node) -> np.ndarray:
+    """4x4 RAS matrix from a node's parent frame to world (identity without a parent transform)."""
+    import vtk
+
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise InputError(f"'{node.GetName()}' sits under a non-linear transform; harden it first")
+    to_world = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(to_world)
+    return _numpy_matrix(to_world)
+
+
+def _volume_image(node, to_frame) -> Image:
+    """A volume node's voxels as an `Image`: in its own coordinates (`to_frame` None), or moved by the 4x4 RAS
+    matrix `to_frame` (into world coordinates, or into another node's frame)."""
     from vtk.util import numpy_support
 
     image_data = node.GetImageData() if node is not None else None
@@ -91,8 +110,9 @@ def image_from_volume_node(node, world: bool = False) -> Image:
                          "only scalar volumes can be registered")
     nx, ny, nz = image_data.GetDimensions()
     array = numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx).copy()
-    matrix = ijk_to_ras(node, world=world)
-    if world and node.GetParentTransformNode() is not None:
+    matrix = ijk_to_ras(node)
+    if to_frame is not None:
+        matrix = to_frame @ matrix
         axes = matrix[:3, :3]
         spacing = np.linalg.norm(axes, axis=0)
         direction_ras = axes / spacing
@@ -156,6 +176,92 @@ def _as_3d(image: Image):
     direction = np.eye(3)
     direction[:2, :2] = image.direction
     return (image.array[np.newaxis], (*image.spacing_mm, 1.0), (*image.origin_mm, 0.0), direction)
+
+
+# --- masks -----------------------------------------------------------------------------------
+
+def mask_from_node(node, reference, segment_id: str | None = None, world: bool = False):
+    """A user's mask node for the volume node `reference`, in the frame the reference is exported in (world
+    coordinates when `world`, as the fixed volume is; else the reference's own, as the moving volume is).
+
+    A segmentation node gives its segment `segment_id` (an ID or a name; may be None when it holds one segment)
+    on the reference's grid, exported by Slicer's own
+    vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode (which resamples through any transforms
+    between the two); a labelmap volume node gives its voxels (nonzero inside) on its own grid; both as an `Image`.
+    A markups ROI node gives a `masks.FocusBox` in world LPS (only when `world`)."""
+    name = node.GetName()
+    if node.IsA("vtkMRMLSegmentationNode"):
+        segment_name, mask = _segment_on_grid_of(node, reference, segment_id, world)
+        if not mask.array.any():
+            raise InputError(f"segment '{segment_name}' of '{name}' covers no voxel of '{reference.GetName()}'")
+        return mask
+    if node.IsA("vtkMRMLMarkupsROINode"):
+        if not world:
+            raise InputError(f"ROI '{name}': a box is a region of the fixed volume, not of '{reference.GetName()}'")
+        return focus_box_from_roi_node(node)
+    if node.IsA("vtkMRMLScalarVolumeNode"):
+        if world:
+            mask = image_from_volume_node(node, world=True)
+        else:
+            # Where the user sees it: moved by its own parent transform, then into the reference's frame.
+            relative = np.linalg.inv(parent_to_world(reference)) @ parent_to_world(node)
+            mask = _volume_image(node, None if np.allclose(relative, np.eye(4)) else relative)
+        if not mask.array.any():
+            raise InputError(f"labelmap '{name}' is empty")
+        return mask
+    raise InputError(f"'{name}' ({node.GetClassName()}) cannot be a mask: use a labelmap, a segmentation or an ROI")
+
+
+def _segment_on_grid_of(segmentation, reference, segment_id, world: bool) -> tuple[str, Image]:
+    """One segment's name and the segment as a labelmap on `reference`'s grid, through a temporary labelmap node."""
+    import vtk
+
+    slicer = _slicer()
+    name, content = segmentation.GetName(), segmentation.GetSegmentation()
+    if not segment_id and content.GetNumberOfSegments() == 1:
+        segment_id = content.GetNthSegmentID(0)
+    if not segment_id:
+        raise InputError(f"segmentation '{name}': choose a segment")
+    if content.GetSegment(segment_id) is None:
+        # From the Python console a segment is often named rather than given by ID.
+        segment_id = content.GetSegmentIdBySegmentName(segment_id) or segment_id
+    if content.GetSegment(segment_id) is None:
+        raise InputError(f"segmentation '{name}' has no segment '{segment_id}'")
+    scene = segmentation.GetScene()
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    # ExportSegmentsToLabelmapNode needs the labelmap in the scene (it adds a display node and a colour table).
+    labelmap = scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode())
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation, ids, labelmap, reference, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise InputError(f"segmentation '{name}': Slicer could not export segment '{segment_id}'")
+        # The labelmap now sits under the reference's parent transform, on its grid.
+        return content.GetSegment(segment_id).GetName(), image_from_volume_node(labelmap, world=world)
+    finally:
+        # Everything the export added goes: the labelmap, its display node, its colour table.
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in reversed(added):
+            if node.GetID() not in before and not node.GetSingletonTag():
+                scene.RemoveNode(node)
+
+
+def focus_box_from_roi_node(roi) -> FocusBox:
+    """A markups ROI node as a `masks.FocusBox` in world LPS: its centre, side lengths and axes in world
+    coordinates (its parent transforms included), RAS turned to LPS."""
+    center, size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    roi.GetCenterWorld(center)
+    roi.GetSizeWorld(size)
+    axes = []
+    for i in range(3):
+        axis = [0.0, 0.0, 0.0]
+        roi.GetAxisWorld(i, axis)
+        axes.append(np.asarray(axis) / (np.linalg.norm(axis) or 1.0))
+    try:
+        return FocusBox(LPS_FROM_RAS @ np.asarray(center), size, LPS_FROM_RAS @ np.array(axes).T)
+    except InputError as exc:
+        raise InputError(f"ROI '{roi.GetName()}': {exc}") from None
 
 
 # --- transforms ------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ import time
 from .errors import Cancelled, InputError
 from .events import Status, is_cancelled
 from .image import Image, as_image, covering_grid, prepare_input
+from .masks import load_user_masks
 from .modality import modality_or_guess
 from .pose import PoseSettings, posed, search_pose, with_pose
-from .presets import Table, table_from_presets
+from .presets import Table, table_from_presets, with_focus_preset
 from .presets import resolve_table as presets_resolve_table
 from .race import effective_schedule, race_masks, ranked, run_race
 from .results import Candidate, RegistrationResult
@@ -45,7 +46,8 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
                   table=None, presets=None, jobs: int | None = None, timeout_s: float | None = 600.0,
                   device: str = "auto", progress=None, cancel=None, threads_per_job: int | None = None,
                   memory_limit_mb: int | None = None, work_dir=None, pose_search=True,
-                  output_grid: str = "fixed", judge: bool = True) -> RegistrationResult:
+                  output_grid: str = "fixed", judge: bool = True,
+                  fixed_mask=None, moving_mask=None, focus=None) -> RegistrationResult:
     """Run every preset of the table for this modality pair, score each, and return all with the best.
 
     `fixed`/`moving` are paths, SimpleITK/ITK/ANTs images or `Image`s; their modalities (T1, T2, FLAIR,
@@ -65,6 +67,12 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     to keep the whole moving extent, for a moving image that reaches beyond the fixed one). `judge` gives the
     winner a trust verdict (`trust.verdict`: estimated error, 90 % interval, green/amber/red, the map of
     where candidates disagree); a red one is also a warning.
+
+    `fixed_mask` and `moving_mask` say where each image holds what matters, and `focus` ("align this structure
+    best") is a region of the fixed image where the result is judged. Each is a path (a labelmap, nonzero inside),
+    a `masks.MaskSpec` (a Slicer ``.seg.nrrd`` and the segment's name), an `Image`, a SimpleITK image, a numpy
+    array on its image's grid or, for the focus, a `masks.FocusBox`; one on another grid is resampled onto its
+    image's (result.json's ``inputs.masks`` records each and the notes of what resampling lost).
 
     Nothing is written: `report.write_outputs(result, out_dir)` writes the outputs. Raises InputError for
     bad input and when torch (needed to score) is not installed, before any worker starts, and Cancelled
@@ -86,6 +94,10 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     ncores = os.cpu_count() or 1
     fixed_f = prepare_input(fixed_img, "fixed")
     moving_f = prepare_input(moving_img, "moving")
+    # Before any worker starts: a bad mask is a usage error, reported at once.
+    user_masks = load_user_masks(fixed_f, moving_f, fixed_mask=fixed_mask, moving_mask=moving_mask, focus=focus)
+    if user_masks.focus is not None:
+        chosen = with_focus_preset(chosen)  # a rigid candidate that registers the focus alone joins the race
     if device != "auto":
         pick_device(device)  # a bad or missing device is a usage error, reported before any work starts
     require_torch()
@@ -111,7 +123,8 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         progress_cb({"event": "pose", "status": "done", "applied": pose.transform is not None,
                      "seconds": pose.seconds})
     race_moving = posed(moving_f, pose.transform) if pose is not None and pose.transform is not None else moving_f
-    masks = race_masks(fixed_f, race_moving)
+    masks = race_masks(fixed_f, race_moving, *(None if m is None else m.array for m in
+                                                (user_masks.fixed, user_masks.moving, user_masks.focus)))
     scored_on, setup_seconds = run_race(
         fixed_f, race_moving, fixed_modality, chosen.scoring, runnable, candidates, schedule, device=device,
         jobs=jobs, cores=ncores, timeout_s=timeout_s, progress=progress or (lambda event: None), cancel=cancel,
@@ -137,7 +150,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         fixed_modality=fixed_modality, moving_modality=moving_modality, table=chosen,
         inputs={"fixed": _described(fixed), "moving": _described(moving), "device": scored_on or device,
                 "jobs": jobs, "racing": schedule.to_dict() if schedule is not None else None,
-                "output_grid": output_grid},
+                "output_grid": output_grid, "masks": user_masks.to_dict()},
         scorer_setup_seconds=setup_seconds, wall_seconds=time.perf_counter() - wall_start,
         output=output, pose=pose.to_dict() if pose is not None else {}, warnings=list(pose.warnings) if pose is not None else [],
     )

@@ -191,6 +191,17 @@ class EngineOutputs:
         return sitk.ReadTransform(str(path))
 
     @property
+    def warnings(self) -> list[str]:
+        """What result.json warns the user of (its ``warnings``), e.g. a moving image that looks turned around."""
+        return [str(w) for w in self.summary.get("warnings") or []]
+
+    @property
+    def mask_notes(self) -> list[str]:
+        """What putting the user's masks on their images' grids lost (result.json's ``inputs.masks.notes``)."""
+        masks = (self.summary.get("inputs") or {}).get("masks") or {}
+        return [str(n) for n in masks.get("notes") or []]
+
+    @property
     def report_path(self) -> Path | None:
         """report.png, or None when it was not written (e.g. matplotlib missing; `summary["report"]` says)."""
         path = self.out_dir / REPORT_PNG

@@ -28,6 +28,20 @@ def rigid_case4(icbm4):
                      translation_mm=8.0)
 
 
+@pytest.fixture(scope="session")
+def slicer_segmentations():
+    """slicer-core's `slicer` with the segmentation conversion rules registered, as Slicer's Segmentations module
+    does when it starts (qSlicerSegmentationsModule::setup); without them a segmentation cannot even hold a
+    binary labelmap segment."""
+    slicer = pytest.importorskip("slicer")
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    registered = {type(rule).__name__ for rule in factory.GetConverterRules()}
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule, slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+        if rule.__name__ not in registered:
+            factory.RegisterConverterRule(rule())
+    return slicer
+
+
 class _Inert(types.ModuleType):
     """ctk without a display: every attribute is a harmless class."""
 

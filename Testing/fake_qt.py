@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import xml.etree.ElementTree as ET
 
 
 class Qt:
@@ -176,19 +177,108 @@ class ComboBox(Widget):
 
 
 class NodeComboBox(Widget):
-    """qMRMLNodeComboBox."""
+    """qMRMLNodeComboBox, as Slicer's (Libs/MRML/Widgets/qMRMLNodeComboBox.cxx): it lists the nodes of its scene
+    whose class is one of `nodeTypes` (subclasses too unless showChildNodeTypes is false), so setCurrentNode
+    selects a node only when it lists it, else nothing (setCurrentNodeID: no index found -> None); without a
+    scene the request is kept (RequestedNode) and applied when setMRMLScene gives it one."""
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._node = None
+        self._node, self._requested, self.scene = None, None, None
+        self.nodeTypes = tuple(self._props.get("nodeTypes") or ())
+        self.showChildNodeTypes = self._props.get("showChildNodeTypes") != "false"
 
     def currentNode(self):
         return self._node
 
+    def lists(self, node) -> bool:
+        """True when `node` is one of the combo box's entries."""
+        if node is None or self.scene is None or not self.scene.IsNodePresent(node):
+            return False
+        if self.showChildNodeTypes:
+            return any(node.IsA(t) for t in self.nodeTypes)
+        return node.GetClassName() in self.nodeTypes
+
     def setCurrentNode(self, node):
+        if self.scene is None:
+            self._requested = node
+            return
+        node = node if self.lists(node) else None
         if node is not self._node:
             self._node = node
             self.emit("currentNodeChanged(vtkMRMLNode*)", node)
+
+    def setMRMLScene(self, scene):
+        self.scene = scene
+        requested, self._requested = self._requested, None
+        if requested is not None:
+            self.setCurrentNode(requested)
+
+
+class SegmentSelector(Widget):
+    """qMRMLSegmentSelectorWidget, as Slicer's (Libs/MRML/Widgets/qMRMLSegmentSelectorWidget.cxx, 11a2ceb): an
+    inner qMRMLNodeComboBox of segmentation nodes (its scene comes from setMRMLScene); a new segmentation fills
+    the segment list (segment IDs in the segmentation's order, "None" first when noneEnabled) and keeps the
+    current segment silently when the new one has it, or "None" silently when noneEnabled and none was chosen,
+    else selects the first segment and signals currentSegmentChanged(QString) (populateSegmentCombobox);
+    setCurrentSegmentID selects a listed ID (signalling when the index changes) and ignores one it lacks."""
+
+    NONE = "None"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.noneEnabled = self._props.get("noneEnabled") == "true"
+        self._nodes = NodeComboBox("qMRMLNodeComboBox", f"{self.objectName}.nodes", {"nodeTypes": None})
+        self._nodes.nodeTypes = ("vtkMRMLSegmentationNode",)
+        self._nodes.connect("currentNodeChanged(vtkMRMLNode*)", self._onNodeChanged)
+        self._segmentation, self._ids, self._index, self._current = None, [], -1, ""
+
+    def setMRMLScene(self, scene):
+        self.scene = scene
+        self._nodes.setMRMLScene(scene)
+
+    def currentNode(self):
+        return self._nodes.currentNode()
+
+    def setCurrentNode(self, node):
+        self._nodes.setCurrentNode(node)
+
+    def currentSegmentID(self):
+        return self._current
+
+    def setCurrentSegmentID(self, segmentID):
+        if not segmentID and self.noneEnabled:
+            self._select(0)
+        elif segmentID in self._ids and self._ids.index(segmentID) != self._index:
+            self._select(self._ids.index(segmentID))
+
+    def _onNodeChanged(self, node):
+        segmentation = node if node is not None and node.IsA("vtkMRMLSegmentationNode") else None
+        self.emit("currentNodeChanged(vtkMRMLNode*)", node)
+        if segmentation is not self._segmentation:
+            self._segmentation = segmentation
+            self._populate()
+
+    def _populate(self):
+        self._ids, self._index = [], -1
+        content = self._segmentation.GetSegmentation() if self._segmentation is not None else None
+        if content is None or content.GetNumberOfSegments() == 0:
+            return
+        ids = [content.GetNthSegmentID(i) for i in range(content.GetNumberOfSegments())]
+        self._ids = ([self.NONE] if self.noneEnabled else []) + ids
+        if (self.noneEnabled and not self._current) or (self._current and self._current in ids):
+            self._index = self._ids.index(self._current or self.NONE)  # restored with signals blocked
+        else:
+            self._select(1 if self.noneEnabled else 0)
+
+    def _select(self, index):
+        if index == self._index:
+            return
+        self._index = index
+        data = self._ids[index]
+        self._current = "" if data == self.NONE else data
+        if self._segmentation is not None:
+            self.emit("currentSegmentChanged(QString)", self._current)
 
 
 class CheckBox(Widget):
@@ -275,7 +365,7 @@ class ProgressBar(Widget):
 
 CLASSES = {"QComboBox": ComboBox, "qMRMLNodeComboBox": NodeComboBox, "QCheckBox": CheckBox,
            "QSpinBox": SpinBox, "QListWidget": ListWidget, "QTableWidget": TableWidget,
-           "QProgressBar": ProgressBar}
+           "QProgressBar": ProgressBar, "qMRMLSegmentSelectorWidget": SegmentSelector}
 
 
 def widgets_from_ui(ui_file) -> types.SimpleNamespace:
@@ -284,3 +374,22 @@ def widgets_from_ui(ui_file) -> types.SimpleNamespace:
 
     return types.SimpleNamespace(**{name: CLASSES.get(cls, Widget)(cls, name, props)
                                     for cls, name, props in ui_widgets(ui_file)})
+
+
+def root_widget(ui_file, ui) -> Widget:
+    """The .ui's top-level qMRMLWidget (`slicer.util.loadUI`): its setMRMLScene emits mrmlSceneChanged, which
+    reaches only the widgets of `ui` the .ui's <connections> connect it to, as in Slicer (a qMRML widget
+    without that connection never gets a scene, and lists no node)."""
+    from slicer_rules import ui_connections
+
+    root = Widget("qMRMLWidget", ET.parse(ui_file).getroot().find("widget").get("name"), {})
+    for sender, signal, receiver, slot in ui_connections(ui_file):
+        if sender == root.objectName and slot == "setMRMLScene(vtkMRMLScene*)":
+            root.connect(signal, getattr(ui, receiver).setMRMLScene)
+
+    def set_scene(scene, _root=root):
+        _root.scene = scene
+        _root.emit("mrmlSceneChanged(vtkMRMLScene*)", scene)
+
+    root.setMRMLScene = set_scene
+    return root

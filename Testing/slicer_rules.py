@@ -21,7 +21,18 @@ re-states, rule by rule, what Slicer 5.8 and 5.10 do, each with the source lines
   ctkPathLineEdit and ctkDirectoryButton take a pathlib path; qMRMLNodeComboBox and
   qMRMLSubjectHierarchyTreeView take a MRML node class or a Union of them;
 - `WithinRange` on a spin box overrides the .ui's minimum and maximum (guiConnectors.py
-  `QSliderOrSpinBoxToIntConnector.__init__`: `setRange(minimum, maximum)`).
+  `QSliderOrSpinBoxToIntConnector.__init__`: `setRange(minimum, maximum)`);
+- a node parameter holds None or an instance of its class (validators.py `IsInstance` lets None through); a
+  `Union` of node classes is written by `UnionSerializer`, whose `_findBestSerializer` offers the value to each
+  member whose `canSerialize(type(value))` accepts it, so None is refused with TypeError ("Unable to write
+  value") unless the Union lists None, and the wrapper writes the default, None, when the node is made
+  (serializers.py `UnionSerializer`, `NodeSerializer`, `NoneSerializer`; util.py `isNodeOrUnionOfNodes`: "Note
+  the None is necessary for the parameterNodeWrapper");
+- `qMRMLNodeComboBoxToNodeConnector.__init__` sets the combo box's `nodeTypes` from the parameter's type
+  (util.py `getNodeTypes`), whatever the .ui says.
+
+The Slicer source read for these rules: Slicer/Slicer Base/Python/slicer/parameterNodeWrapper/ guiConnectors.py
+(0e31bd8), serializers.py, util.py (52586f7) and validators.py (01c2def) as stored by the project's code index.
 """
 
 from __future__ import annotations
@@ -89,6 +100,28 @@ def _is_node_type(datatype) -> bool:
     return isinstance(bare, type) and issubclass(bare, vtk.vtkObject) and bare.__name__.startswith("vtkMRML")
 
 
+def node_types(datatype) -> tuple:
+    """The class names a node parameter takes (util.getNodeTypes): one class, or a Union's node classes."""
+    bare = split_annotations(datatype)[0]
+    members = typing.get_args(bare) if typing.get_origin(bare) is typing.Union else (bare,)
+    return tuple(m.__name__ for m in members if m is not type(None))
+
+
+def _check_node_value(datatype, value) -> None:
+    """What the serializers accept for a node parameter (see the module docstring)."""
+    bare = split_annotations(datatype)[0]
+    if typing.get_origin(bare) is typing.Union:
+        members = typing.get_args(bare)
+        if value is None:
+            if type(None) not in members:
+                raise TypeError(f"Unable to write value 'None' of type '{type(None)}'")
+            return
+        if not any(m is not type(None) and isinstance(value, m) for m in members):
+            raise TypeError(f"Value must be of type {node_types(datatype)}, is type '{type(value)}'")
+    elif value is not None and not isinstance(value, bare):
+        raise TypeError(f"Value must be of type '{bare}', is type '{type(value)}'")
+
+
 def connector_for(widget_class: str, datatype):
     """The connector Slicer creates for a widget of class `widget_class` bound to `datatype`, or raise
     RuntimeError as `createGuiConnector` does. Returns (connector name, choices or None, range or None)."""
@@ -143,6 +176,8 @@ def defaults(cls) -> dict:
 
 def validate(cls, name: str, value) -> None:
     """Run the parameter's validators on `value` (what every write does; the default is written at init)."""
+    if _is_node_type(parameter_types(cls)[name]):
+        _check_node_value(parameter_types(cls)[name], value)
     for annotation in split_annotations(parameter_types(cls)[name])[1]:
         if hasattr(annotation, "validate"):
             annotation.validate(value)
@@ -154,8 +189,17 @@ def ui_widgets(ui_file):
         props = {}
         for prop in widget.findall("property"):
             child = next(iter(prop), None)
-            props[prop.get("name")] = None if child is None else child.text
+            if child is not None and child.tag == "stringlist":
+                props[prop.get("name")] = tuple(item.text for item in child.findall("string"))
+            else:
+                props[prop.get("name")] = None if child is None else child.text
         yield widget.get("class"), widget.get("name"), props
+
+
+def ui_connections(ui_file):
+    """(sender, signal, receiver, slot) of every connection a .ui file makes."""
+    for c in ET.parse(ui_file).getroot().iter("connection"):
+        yield c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot")
 
 
 def bound_widgets(ui_file) -> dict:
@@ -251,6 +295,8 @@ def parameter_node_wrapper(cls):
                     widget.blockSignals(was)
                 if within is not None:
                     widget.setRange(within.minimum, within.maximum)
+                if widget.className == "qMRMLNodeComboBox":
+                    widget.nodeTypes = node_types(types_[name])
                 self._write(widget, choices, self._values[name])
                 signal, read = self._reader(widget, choices)
                 widget.connect(signal, lambda *args, _n=name, _read=read: self._from_gui(_n, _read()))

@@ -345,3 +345,138 @@ def test_nonlinear_result_as_a_parent_transform_reproduces_the_library_warp(regi
     scale = np.abs(library[inside]).max()
     assert np.abs(through_mrml - library)[inside].max() < 1e-3 * scale
     moving_node.SetAndObserveTransformNodeID(None)
+
+
+# --- masks: nodes the user picks as masks or focus -----------------------------------------------
+# A segment goes through Slicer's own vtkSlicerSegmentationsModuleLogic::ExportSegmentsToLabelmapNode (Slicer/Slicer
+# Modules/Loadable/Segmentations/Logic/vtkSlicerSegmentationsModuleLogic.cxx, 0110286 as stored by the code index):
+# the labelmap lands under the reference volume's parent transform, on its grid (EXTENT_REFERENCE_GEOMETRY), the
+# segment resampled through GetTransformBetweenNodes(reference's parent, segmentation's parent). An ROI is read
+# through vtkMRMLMarkupsROINode's world accessors (Modules/Loadable/Markups/MRML/vtkMRMLMarkupsROINode.h, 009333c:
+# GetCenterWorld, GetSizeWorld, GetAxisWorld; "World: ... parent transform of the node").
+
+def _segmentation_of(scene, reference: Image, block, name="Liver"):
+    """A segmentation node holding one segment: `block` of `reference`'s grid; returns (node, segment ID, labels)."""
+    labels = np.zeros(reference.array.shape, np.uint8)
+    labels[block] = 1
+    labelmap = mrml.volume_node_from_image(reference.with_array(labels), scene, f"{name} labels",
+                                           node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
+    segmentation = scene.AddNode(slicer.vtkMRMLSegmentationNode())
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation, "")
+    segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
+    segmentation.GetSegmentation().GetSegment(segment_id).SetName(name)
+    scene.RemoveNode(labelmap)
+    return segmentation, segment_id, labels
+
+
+def _translation_node(scene, ras_mm):
+    node = scene.AddNode(slicer.vtkMRMLLinearTransformNode())
+    matrix = vtk.vtkMatrix4x4()
+    for axis, value in enumerate(ras_mm):
+        matrix.SetElement(axis, 3, value)
+    node.SetMatrixTransformToParent(matrix)
+    return node
+
+
+def test_a_segment_is_exported_on_its_volumes_grid_where_it_shows_in_the_views(slicer_segmentations):
+    reference = Image(np.zeros((10, 12, 14), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    scene = slicer.vtkMRMLScene()
+    volume = mrml.volume_node_from_image(reference, scene, "volume")
+    segmentation, segment_id, labels = _segmentation_of(scene, reference, np.s_[2:5, 3:7, 4:9])
+    for world in (True, False):
+        mask = mrml.mask_from_node(segmentation, volume, segment_id, world=world)
+        assert mask.same_grid(mrml.image_from_volume_node(volume, world=world))
+        assert np.array_equal(mask.array != 0, labels == 1)
+    # The volume moved 4 mm to the right (2 voxels along -x in LPS), the segmentation did not: in the volume's own
+    # frame (the moving volume's) the segment sits 2 voxels further along x; in world (the fixed volume's) on the
+    # volume's world grid, the same.
+    volume.SetAndObserveTransformNodeID(_translation_node(scene, (4.0, 0.0, 0.0)).GetID())
+    shifted = np.zeros_like(labels)
+    shifted[2:5, 3:7, 6:11] = 1
+    for world in (False, True):
+        mask = mrml.mask_from_node(segmentation, volume, segment_id, world=world)
+        assert mask.same_grid(mrml.image_from_volume_node(volume, world=world))
+        assert np.array_equal(mask.array != 0, shifted == 1), world
+    # Under the same transform as the volume, the segment is where it was drawn on it.
+    segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+    assert np.array_equal(mrml.mask_from_node(segmentation, volume, segment_id).array != 0, labels == 1)
+
+
+def test_a_labelmap_mask_is_placed_in_its_volumes_frame_by_both_parent_transforms():
+    reference = oblique_image()
+    scene = slicer.vtkMRMLScene()
+    volume = mrml.volume_node_from_image(reference, scene, "moving")
+    labels = (np.arange(reference.array.size).reshape(reference.array.shape) % 5 == 0).astype(np.uint8)
+    labelmap = mrml.volume_node_from_image(reference.with_array(labels), scene, "mask",
+                                           node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
+    same = mrml.mask_from_node(labelmap, volume, world=False)
+    assert same.same_grid(reference) and np.array_equal(same.array, labels)
+    volume.SetAndObserveTransformNodeID(_translation_node(scene, (5.0, -3.0, 2.0)).GetID())
+    labelmap.SetAndObserveTransformNodeID(_translation_node(scene, (1.0, 1.0, 1.0)).GetID())
+    moved = mrml.mask_from_node(labelmap, volume, world=False)
+    # mask frame -> world: +(1, 1, 1) RAS; world -> volume frame: -(5, -3, 2) RAS; in LPS x and y flip.
+    assert np.allclose(np.subtract(moved.origin_mm, reference.origin_mm), F @ np.array([-4.0, 4.0, -1.0]))
+    assert np.array_equal(moved.array, labels) and np.allclose(moved.direction, reference.direction)
+    world = mrml.mask_from_node(labelmap, volume, world=True)
+    assert np.allclose(np.subtract(world.origin_mm, reference.origin_mm), F @ np.array([1.0, 1.0, 1.0]))
+
+
+def test_an_roi_becomes_a_box_holding_the_voxels_slicer_says_are_inside():
+    reference = Image(np.zeros((12, 14, 16), np.float32), (2.0, 2.5, 3.0), (-20.0, -15.0, -25.0))
+    scene = slicer.vtkMRMLScene()
+    roi = scene.AddNode(slicer.vtkMRMLMarkupsROINode())
+    roi.SetSize(14.0, 9.0, 20.0)
+    turn = vtk.vtkTransform()
+    turn.Translate(2.0, -3.0, 1.0)
+    turn.RotateWXYZ(25.0, 0.3, 0.5, 0.8)
+    roi.SetAndObserveObjectToNodeMatrix(turn.GetMatrix())
+    parent = scene.AddNode(slicer.vtkMRMLLinearTransformNode())
+    tilt = vtk.vtkTransform()
+    tilt.Translate(-4.0, 2.0, 3.0)
+    tilt.RotateX(15.0)
+    parent.SetMatrixTransformToParent(tilt.GetMatrix())
+    roi.SetAndObserveTransformNodeID(parent.GetID())
+
+    box = mrml.mask_from_node(roi, mrml.volume_node_from_image(reference, scene), world=True)
+    inside = box.to_mask(reference)
+    centres_lps = reference.physical_points(np.argwhere(np.ones(reference.array.shape, bool))[:, ::-1])
+    slicers = np.array([roi.IsPointInROIWorld(list(F @ p)) for p in centres_lps]).reshape(reference.array.shape)
+    assert inside.sum() > 50 and np.array_equal(inside, slicers)
+
+
+def test_mask_export_leaves_the_scene_as_it_was_and_refuses_what_is_no_mask(slicer_segmentations):
+    reference = Image(np.zeros((10, 12, 14), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    scene = slicer.vtkMRMLScene()
+    volume = mrml.volume_node_from_image(reference, scene, "T1")
+    segmentation, segment_id, _ = _segmentation_of(scene, reference, np.s_[2:5, 3:7, 4:9])
+    before = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+    mrml.mask_from_node(segmentation, volume, segment_id, world=True)
+    assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before
+    # From the console: a segment by name, or none when there is one.
+    by_id = mrml.mask_from_node(segmentation, volume, segment_id).array
+    assert np.array_equal(mrml.mask_from_node(segmentation, volume, "Liver").array, by_id)
+    assert np.array_equal(mrml.mask_from_node(segmentation, volume, None).array, by_id)
+    two, _, _ = _segmentation_of(scene, reference, np.s_[1:2, 1:2, 1:2], name="Kidney")
+    labels = np.zeros(reference.array.shape, np.uint8)
+    labels[5:7, 5:7, 5:7] = 1
+    extra = mrml.volume_node_from_image(reference.with_array(labels), scene, "extra",
+                                        node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(extra, two, "")
+    with pytest.raises(InputError, match="choose a segment"):
+        mrml.mask_from_node(two, volume, None)
+    with pytest.raises(InputError, match="has no segment 'Segment_9'"):
+        mrml.mask_from_node(segmentation, volume, "Segment_9")
+    far = Image(np.zeros((4, 4, 4), np.float32), (2.0, 2.0, 2.0), (300.0, 300.0, 300.0))
+    elsewhere, far_id, _ = _segmentation_of(scene, far, np.s_[1:3, 1:3, 1:3], name="Far")
+    with pytest.raises(InputError, match="segment 'Far' of .* covers no voxel of 'T1'"):
+        mrml.mask_from_node(elsewhere, volume, far_id, world=True)
+    empty = mrml.volume_node_from_image(reference.with_array(np.zeros((10, 12, 14), np.uint8)), scene, "nothing",
+                                        node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
+    with pytest.raises(InputError, match="labelmap 'nothing' is empty"):
+        mrml.mask_from_node(empty, volume)
+    roi = scene.AddNode(slicer.vtkMRMLMarkupsROINode())
+    roi.SetSize(5.0, 5.0, 5.0)
+    with pytest.raises(InputError, match="a box is a region of the fixed volume"):
+        mrml.mask_from_node(roi, volume, world=False)
+    with pytest.raises(InputError, match="cannot be a mask"):
+        mrml.mask_from_node(scene.AddNode(slicer.vtkMRMLModelNode()), volume)

@@ -55,6 +55,63 @@ def test_rules_refuse_what_slicer_refuses():
         slicer_rules.validate(Node, "mode", Node.mode)
 
 
+def test_mask_parameters_are_node_unions_with_none_bound_to_combo_boxes_that_list_those_nodes(slicer_module):
+    """The masks and the focus are optional nodes of two classes each: a Union that lists None (the wrapper
+    writes None when the node is made, and UnionSerializer refuses None otherwise), bound to a qMRMLNodeComboBox
+    whose nodeTypes Slicer sets from that Union (qMRMLNodeComboBoxToNodeConnector.__init__); the .ui lists the
+    same classes, so Designer shows what Slicer will."""
+    cls = slicer_module.AutoRegisterParameterNode
+    connectors = slicer_rules.connect_gui(cls, UI_FILE)
+    bound = slicer_rules.bound_widgets(UI_FILE)
+    expected = {"fixedMask": ("vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode"),
+                "movingMask": ("vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode"),
+                "focus": ("vtkMRMLSegmentationNode", "vtkMRMLMarkupsROINode")}
+    for name, classes in expected.items():
+        assert connectors[name][0] == "qMRMLNodeComboBoxToNode"
+        types_ = slicer_rules.parameter_types(cls)[name]
+        assert slicer_rules.node_types(types_) == classes
+        assert bound[name][2]["nodeTypes"] == classes and bound[name][2]["noneEnabled"] == "true"
+        assert slicer_rules.defaults(cls)[name] is None
+        slicer_rules.validate(cls, name, None)
+    # A segment is remembered by ID in an unbound str: no connector takes a qMRMLSegmentSelectorWidget.
+    for role in expected:
+        assert slicer_rules.parameter_types(cls)[f"{role}SegmentID"] is str
+        assert f"{role}SegmentID" not in bound
+
+
+def test_rules_refuse_a_node_union_without_none_and_a_node_of_another_class():
+    """UnionSerializer._findBestSerializer: None fits no node serializer (canSerialize(NoneType) is False), and a
+    node fits only a member it is an instance of (validators.IsInstance)."""
+    slicer = pytest.importorskip("slicer")
+    from typing import Union
+
+    # typing.Union, as the module writes it: util.isNodeOrUnionOfNodes tests get_origin(type) == typing.Union,
+    # which an `X | Y` (types.UnionType) fails. Evaluated here, not postponed: the classes are local names.
+    labelmap, segmentation = slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLSegmentationNode
+    Node = type("Node", (), {"__annotations__": {"strict": Union[labelmap, segmentation],  # noqa: UP007
+                                                 "optional": Union[labelmap, segmentation, None]}})  # noqa: UP007
+
+    with pytest.raises(TypeError, match="None"):
+        slicer_rules.validate(Node, "strict", None)
+    slicer_rules.validate(Node, "optional", None)
+    slicer_rules.validate(Node, "optional", slicer.vtkMRMLSegmentationNode())
+    with pytest.raises(TypeError):
+        slicer_rules.validate(Node, "optional", slicer.vtkMRMLScalarVolumeNode())  # a labelmap's parent class
+
+
+def test_every_mrml_widget_gets_the_scene_from_the_ui(slicer_module):
+    """A qMRMLNodeComboBox (and the one inside a qMRMLSegmentSelectorWidget) lists the nodes of its scene only;
+    loadUI gives the top widget the scene and each child gets it through a mrmlSceneChanged -> setMRMLScene
+    connection of the .ui (the template's pattern), or not at all."""
+    needs_scene = {name for cls, name, _ in slicer_rules.ui_widgets(UI_FILE)
+                   if cls in ("qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget")}
+    connected = {receiver for sender, signal, receiver, slot in slicer_rules.ui_connections(UI_FILE)
+                 if sender == "AutoRegister" and signal == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and slot == "setMRMLScene(vtkMRMLScene*)"}
+    assert {"fixedMaskSegmentSelector", "focusSelector"} <= needs_scene
+    assert needs_scene - connected == set()
+
+
 def test_combo_boxes_with_dynamic_entries_are_not_bound(slicer_module):
     """A QComboBox bound through Choice is cleared and refilled from the choices, and writing a saved value
     no longer listed raises (guiConnectors.py QComboBoxToStringableConnector.write): the table list, which

@@ -322,3 +322,77 @@ def test_preset_overrides_and_scoring_window_reach_the_engines_table(slicer_modu
         names = [p if isinstance(p, str) else p["name"] for p in written["presets"]]
         assert off not in names and names
         assert written["scoring"]["window_voxels"] == expected
+
+
+# --- masks and the focus (issue #13) -----------------------------------------------------------------
+
+def _segment_block(slicer, scene, volume, block, names=("Liver",)):
+    """A segmentation node with one segment per name, each `block` of `volume`'s grid shifted by 2 voxels in x."""
+    from AutoRegisterLib import mrml
+
+    reference = mrml.image_from_volume_node(volume)
+    segmentation = scene.AddNode(slicer.vtkMRMLSegmentationNode())
+    for i, name in enumerate(names):
+        labels = np.zeros(reference.array.shape, np.uint8)
+        z, y, x = block
+        labels[z, y, slice(x.start + 2 * i, x.stop + 2 * i)] = 1
+        labelmap = mrml.volume_node_from_image(reference.with_array(labels), scene, name,
+                                               node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation, "")
+        content = segmentation.GetSegmentation()
+        content.GetSegment(content.GetNthSegmentID(i)).SetName(name)
+        scene.RemoveNode(labelmap)
+    return segmentation
+
+
+def test_masks_and_the_focus_reach_the_engine_as_files_on_their_volumes_grids(slicer_module, case_nodes,
+                                                                              slicer_segmentations):
+    """A segment is exported on the fixed volume's grid (world), a labelmap in the moving volume's frame, an ROI
+    becomes the fixed voxels it holds; each is written into the run folder and passed as the engine's option."""
+    from AutoRegisterLib import mrml
+    from AutoRegisterLib.image import read_image
+
+    slicer = slicer_segmentations
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    segmentation = _segment_block(slicer, scene, fixed, np.s_[10:20, 8:22, 9:23])
+    segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
+    moving_image = mrml.image_from_volume_node(moving)
+    labels = (moving_image.array > np.percentile(moving_image.array, 50)).astype(np.uint8)
+    labelmap = mrml.volume_node_from_image(moving_image.with_array(labels), scene, "moving mask",
+                                           node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
+    roi = scene.AddNode(slicer.vtkMRMLMarkupsROINode())
+    roi.SetCenter(0.0, 0.0, 0.0)
+    roi.SetSize(30.0, 40.0, 20.0)
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    run = logic.start(fixed, moving, presets=["sitk-rigid"], fixedModality="T1", movingModality="T1",
+                      fixedMask=segmentation, fixedMaskSegmentID=segment_id, movingMask=labelmap, focus=roi)
+    try:
+        folder = Path(run.engine.run_dir)
+        for name in ("fixed_mask", "moving_mask", "focus"):
+            assert f"--{name.replace('_', '-')}={folder / f'{name}.nrrd'}" in run.engine.argv
+        fixed_mask, moving_mask, focus = (read_image(folder / f"{n}.nrrd") for n in ("fixed_mask", "moving_mask", "focus"))
+    finally:
+        run.engine.cleanup()
+    assert fixed_mask.same_grid(fixed_image) and focus.same_grid(fixed_image) and moving_mask.same_grid(moving_image)
+    expected = np.zeros(fixed_image.array.shape, bool)
+    expected[10:20, 8:22, 9:23] = True
+    assert np.array_equal(fixed_mask.array != 0, expected)
+    assert np.array_equal(moving_mask.array != 0, labels == 1)
+    box = mrml.focus_box_from_roi_node(roi)
+    assert np.array_equal(focus.array != 0, box.to_mask(fixed_image)) and focus.array.any()
+
+
+def test_a_mask_the_engine_refuses_fails_the_run_with_its_one_line(slicer_module, case_nodes):
+    import slicer
+
+    from AutoRegisterLib import mrml
+    from AutoRegisterLib.image import Image
+
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    far = Image(np.ones((4, 4, 4), np.uint8), (4.0, 4.0, 4.0), (900.0, 900.0, 900.0))
+    labelmap = mrml.volume_node_from_image(far, scene, "far away", node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    with pytest.raises(RuntimeError, match="moving mask: .*moving_mask.nrrd: does not overlap the moving image"):
+        logic.register(fixed, moving, presets=["sitk-rigid"], fixedModality="T1", movingModality="T1",
+                       movingMask=labelmap, timeout=120)
+    assert moving.GetParentTransformNode() is None

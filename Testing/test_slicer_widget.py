@@ -24,8 +24,9 @@ def panel(slicer_module, monkeypatch, tmp_path):
 
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    monkeypatch.setattr(slicer.util, "loadUI", lambda path: fake_qt.Widget("qMRMLWidget", "AutoRegister", {}))
-    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: fake_qt.widgets_from_ui(UI_FILE))
+    ui = fake_qt.widgets_from_ui(UI_FILE)
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: fake_qt.root_widget(UI_FILE, ui))
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui)
     dialogs = []
 
     @contextlib.contextmanager
@@ -201,3 +202,114 @@ def test_closing_the_scene_cancels_a_run(panel):
     widget.onSceneStartClose(None, None)
     assert widget._run is None and not Path(run.engine.run_dir).exists()
     assert moving.GetParentTransformNode() is None and dialogs == []
+
+
+# --- masks and the focus (issue #13) -----------------------------------------------------------------
+
+def _segmentation(slicer, scene, volume, names):
+    """A segmentation node with one small segment per name on `volume`'s grid."""
+    import numpy as np
+
+    from AutoRegisterLib import mrml
+
+    reference = mrml.image_from_volume_node(volume)
+    segmentation = scene.AddNode(slicer.vtkMRMLSegmentationNode())
+    for i, name in enumerate(names):
+        labels = np.zeros(reference.array.shape, np.uint8)
+        labels[10:20, 10:20, 6 + 4 * i:10 + 4 * i] = 1
+        labelmap = mrml.volume_node_from_image(reference.with_array(labels), scene, name,
+                                               node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation, "")
+        content = segmentation.GetSegmentation()
+        content.GetSegment(content.GetNthSegmentID(i)).SetName(name)
+        scene.RemoveNode(labelmap)
+    return segmentation
+
+
+def test_a_segmentation_mask_shows_its_segment_selector_and_keeps_the_chosen_segment(panel, slicer_segmentations):
+    """The segment selector (qMRMLSegmentSelectorWidget) appears for a segmentation only; the segment the user picks
+    is the parameter node's and survives a re-sync and a detour through a labelmap."""
+    widget, fixed, moving, dialogs, _, _ = panel
+    slicer = slicer_segmentations
+    scene = slicer.mrmlScene
+    organs = _segmentation(slicer, scene, fixed, ["Liver", "Tumour"])
+    liver, tumour = (organs.GetSegmentation().GetNthSegmentID(i) for i in range(2))
+    p, selector = widget._parameterNode, widget.ui.fixedMaskSegmentSelector
+    assert not selector.visible and p.fixedMask is None
+    widget.ui.fixedMaskSelector.setCurrentNode(organs)
+    assert p.fixedMask is organs and selector.visible and selector.currentNode() is organs
+    assert p.fixedMaskSegmentID == liver == selector.currentSegmentID()  # the first segment, until the user picks
+    selector.setCurrentSegmentID(tumour)
+    assert p.fixedMaskSegmentID == tumour
+    widget.setParameterNode(p)  # enter(), a scene load: connectGui writes every widget again
+    assert p.fixedMaskSegmentID == tumour == selector.currentSegmentID()
+    labelmap = mrml_labelmap(slicer, scene, fixed)
+    widget.ui.fixedMaskSelector.setCurrentNode(labelmap)
+    assert p.fixedMask is labelmap and not selector.visible
+    widget.ui.fixedMaskSelector.setCurrentNode(organs)
+    assert selector.visible and p.fixedMaskSegmentID == tumour
+    # A volume is no mask: the combo box does not list it (its nodeTypes come from the parameter's Union).
+    widget.ui.movingMaskSelector.setCurrentNode(moving)
+    assert p.movingMask is None
+    assert dialogs == []
+
+
+def mrml_labelmap(slicer, scene, volume):
+    """A labelmap node on `volume`'s grid with a block inside."""
+    from AutoRegisterLib import mrml
+
+    reference = mrml.image_from_volume_node(volume)
+    labels = (reference.array > reference.array.mean()).astype("uint8")
+    return mrml.volume_node_from_image(reference.with_array(labels), scene, "labels",
+                                       node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
+
+
+def test_register_passes_the_chosen_masks_and_focus_to_the_engine(panel, slicer_segmentations):
+    widget, fixed, moving, dialogs, _, _ = panel
+    slicer = slicer_segmentations
+    scene = slicer.mrmlScene
+    organs = _segmentation(slicer, scene, fixed, ["Liver", "Tumour"])
+    roi = scene.AddNode(slicer.vtkMRMLMarkupsROINode())
+    roi.SetSize(40.0, 40.0, 40.0)
+    _pick(widget, fixed, moving)
+    widget.ui.fixedMaskSelector.setCurrentNode(organs)
+    widget.ui.fixedMaskSegmentSelector.setCurrentSegmentID(organs.GetSegmentation().GetNthSegmentID(1))
+    widget.ui.movingMaskSelector.setCurrentNode(mrml_labelmap(slicer, scene, moving))
+    widget.ui.focusSelector.setCurrentNode(roi)
+    assert not widget.ui.focusSegmentSelector.visible  # an ROI has no segments
+    widget.ui.registerButton.click()
+    run = widget._run
+    assert dialogs == [] and run is not None
+    folder = Path(run.engine.run_dir)
+    flags = [a.split("=")[0] for a in run.engine.argv if a.startswith("--") and "=" in a]
+    assert flags == ["--fixed-mask", "--moving-mask", "--focus"]
+    assert all((folder / name).is_file() for name in ("fixed_mask.nrrd", "moving_mask.nrrd", "focus.nrrd"))
+    widget.stopRun()
+
+
+def test_the_runs_warnings_and_mask_notes_are_shown_with_its_result(panel, tmp_path):
+    """result.json's top-level "warnings" and inputs.masks.notes appear under the results, and go with the next run."""
+    import json
+
+    from AutoRegisterLib.results import read_outputs
+
+    widget, fixed, moving, dialogs, _, _ = panel
+    out = tmp_path / "out"
+    out.mkdir()
+    warning = "the moving image looks rotated 180° about the vertical axis"
+    note = "fixed mask: liver.nii.gz: resampled onto the fixed image's grid; its 0.5 mm voxels are finer"
+    (out / "result.json").write_text(json.dumps({
+        "best": None, "warnings": [warning], "inputs": {"masks": {"fixed_mask": "liver.nii.gz", "notes": [note]}},
+        "candidates": [{"name": "sitk-rigid", "backend": "sitk", "transform_type": "rigid", "status": "failed",
+                        "error": "diverged"}]}))
+    module = __import__("AutoRegister")
+    result = module.AutoRegisterResult(outputs=read_outputs(out, 3), fixedVolume=fixed, movingVolume=moving,
+                                       tableName="custom", runFolder=str(tmp_path / "run"))
+    assert widget.logic.resultWarnings(result) == [warning, note]
+    widget.showResult(result)
+    label = widget.ui.warningsLabel
+    assert label.visible and warning in label.text and note in label.text and len(label.text.splitlines()) == 2
+    quiet = module.AutoRegisterResult(outputs=read_outputs(tmp_path / "nothing", 0), fixedVolume=fixed,
+                                      movingVolume=moving, tableName="custom", runFolder=str(tmp_path / "run"))
+    widget.showResult(quiet)
+    assert not label.visible and label.text == ""
