@@ -73,6 +73,19 @@ def main(argv=None) -> int:
     print(f"scoring took {score_s:.2f} s of {result.wall_seconds:.1f} s ({100 * score_s / result.wall_seconds:.1f}%); "
           f"loading the scorer took {result.scorer_setup_seconds:.1f} s on a thread while the workers started")
     checks.append(("scoring <= 5% of the total", score_s <= 0.05 * result.wall_seconds))
+    if result.pose:
+        share = result.pose["seconds"] / result.wall_seconds
+        print(f"pose search took {result.pose['seconds']:.2f} s ({100 * share:.1f}%); start: "
+              f"{'a ' + result.pose['source'] if result.pose['applied'] else 'the header'}")
+        checks.append(("pose search <= 15% of the click", share <= 0.15))
+    if result.trust is not None:
+        v = result.trust
+        true_err = truth[result.best.name]["err_mm"]
+        print(f"trust verdict {v.light.upper()}: estimated {v.estimate_mm:.2f} mm (90 %: {v.low_mm:.2f}-{v.high_mm:.2f}), "
+              f"true {true_err:.2f} mm; {v.reason}; it took {v.seconds:.2f} s "
+              f"({100 * v.seconds / result.wall_seconds:.1f}% of the click)")
+        checks.append(("trust verdict <= 10% of the click", v.seconds <= 0.10 * result.wall_seconds))
+        checks.append(("the true error lies in the verdict's 90 % interval", v.low_mm <= true_err <= v.high_mm))
 
     if not args.skip_alone:
         # Racing runs a preset twice and on warm workers, so a candidate's own seconds do not say which preset

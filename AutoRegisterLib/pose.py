@@ -46,7 +46,7 @@ class PoseSettings:
     refine_iterations: int = 40
     min_angle_deg: float = 20.0  # a pose closer to the header than this (and ...)
     min_shift_mm: float = 20.0  # ... than this) is left to the presets
-    margin: float = 0.05  # a far pose must beat the refined header by this fraction of its score
+    margin: float = 0.25  # a far pose must beat the refined header by this fraction of its score
     mirror_margin: float = 0.10  # a mirrored pose must beat every proper one by this fraction to be reported
     warn_angle_deg: float = 45.0
 
@@ -205,7 +205,11 @@ def _refined(fixed: Image, moving: Image, head: np.ndarray, start, iterations: i
         reg.SetMetricAsMattesMutualInformation(24)
     else:
         reg.SetMetricAsCorrelation()
-    mask = to_sitk(fixed.with_array(head.astype(np.uint8)))
+    # Only where the moving image reaches from this start: a slab's samples elsewhere would pull it off.
+    from .image import reach_mask
+
+    region = head & reach_mask(posed(moving, start), fixed, 0.0)
+    mask = to_sitk(fixed.with_array((region if region.sum() > 64 else head).astype(np.uint8)))
     reg.SetMetricFixedMask(mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(2.0, 0.01, iterations, relaxationFactor=0.6)
@@ -246,9 +250,11 @@ def _search(fixed: Image, moving: Image, head: np.ndarray, moving_fg: np.ndarray
     chosen = [s for s in scored if s[1] != "header"][:refine] + [s for s in scored if header and s[1] == "header"]
     refined = []
     header_score = 0.0
-    for _, name, tx in chosen:
+    for start_score, name, tx in chosen:
         better = _refined(fixed, moving, head, tx, settings.refine_iterations, multimodal)
         value = score(moving, better)
+        if value < start_score:  # a refinement that went astray: the start stands
+            value, better = start_score, tx
         refined.append((value, name, better))
         if name == "header":
             header_score = value
