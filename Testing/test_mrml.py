@@ -505,7 +505,7 @@ def test_disagreement_map_is_a_heat_map_node_transparent_outside_the_head():
     assert np.all(back.array[~inside] == mrml.OUTSIDE_HEAD) and mrml.OUTSIDE_HEAD < 0
     display = node.GetDisplayNode()
     assert display.GetApplyThreshold() and not display.GetAutoThreshold()
-    assert display.GetLowerThreshold() == 0.0 and display.GetUpperThreshold() >= 7.5
+    assert 0.0 < display.GetLowerThreshold() <= 0.01 and display.GetUpperThreshold() >= 7.5
     assert not display.GetAutoWindowLevel()
     assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, mrml.DISAGREEMENT_SCALE_MM)
     # No colour node in a bare scene: the first choice, found once Slicer's colour logic has added it.
@@ -543,3 +543,20 @@ def test_the_hottest_point_of_a_map_is_its_largest_voxel_in_the_worst_slice():
     below = mrml.hottest_point_ras(node, 1)  # slice 1 holds only 0.5 mm: its first such voxel
     assert below is not None and np.allclose(below, to_lps(image.physical_points(np.array([[1.0, 1.0, 1.0]]))[0]))
     assert mrml.hottest_point_ras(node, 0) is None  # all outside the head
+
+
+def test_a_map_read_back_from_nifti_has_0_outside_the_head_and_that_is_transparent_too(tmp_path):
+    """ITK's NIfTI reader (here through SimpleITK) reads disagreement.nii.gz's NaN as 0: the node must still
+    leave the outside of the head transparent and find its hottest point inside."""
+    from AutoRegisterLib.image import read_image, write_image
+
+    image = _map_image()
+    write_image(image, tmp_path / "disagreement.nii.gz")
+    read = read_image(tmp_path / "disagreement.nii.gz")
+    outside = ~np.isfinite(image.array)
+    assert not np.isnan(read.array).any() and np.all(read.array[outside] == 0.0)
+    scene = slicer.vtkMRMLScene()  # kept: the display node lives in it
+    node = mrml.disagreement_node_from_image(read, scene, "map")
+    assert node.GetDisplayNode().GetLowerThreshold() > 0.0  # 0 is below it: transparent
+    assert np.allclose(mrml.hottest_point_ras(node, 2), to_lps(image.physical_points(np.array([[4.0, 3.0, 2.0]]))[0]))
+    assert mrml.hottest_point_ras(node, 0) is None
