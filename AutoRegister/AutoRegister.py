@@ -65,6 +65,11 @@ AUTOMATIC_TABLE = "Automatic"
 #: The optional mask inputs: each is a parameter (a node), a "<role>SegmentID" parameter (the segment, when the
 #: node is a segmentation), a "<role>Selector" and a "<role>SegmentSelector" in the .ui.
 MASK_ROLES = ("fixedMask", "movingMask", "focus")
+#: The colour of each trust light in the panel (the light's own word is in the text too, for colour-blind users).
+TRUST_COLOURS = {"green": "#2e7d32", "amber": "#e65100", "red": "#c62828"}
+#: Verdicts whose disagreement map replaces the registered volume as the overlay in the slice views: there the
+#: user has to look where candidates disagree; a green result is checked by looking at the alignment itself.
+SHOW_DISAGREEMENT_FOR = ("amber", "red")
 
 
 #
@@ -176,6 +181,7 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(self.ui, f"{role}SegmentSelector").connect(
                 "currentSegmentChanged(QString)", lambda segmentID, role=role: self.onSegmentChanged(role, segmentID))
         self.ui.warningsLabel.visible = False
+        self.showTrust(None)
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
@@ -403,6 +409,7 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.resultsTable.setRowCount(0)
             self.ui.warningsLabel.text = ""
             self.ui.warningsLabel.visible = False
+            self.showTrust(None)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting...")
             self._run = self.logic.start(p.fixedVolume, p.movingVolume, **self.logic.optionsFromParameterNode(p))
@@ -446,12 +453,17 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.statusLabel.text = _("Registration failed.")
             with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
-                self._result = self.logic.finish(run)
+                self._result = self.logic.finish(run, applyUntrusted=self.confirmUntrusted)
                 self.showResult(self._result)
                 self.logic.showInViews(self._result)
             if self._result is None:
                 run.engine.cleanup()  # nothing to apply later: its files go now
         self.updateButtons()
+
+    def confirmUntrusted(self, result) -> bool:
+        """Ask whether to apply a red winner, with its disagreement map already in the views to look at."""
+        self.logic.showInViews(result)
+        return self.logic.askToApplyUntrusted(result)
 
     def showResult(self, result) -> None:
         """Fill the results table and highlight the winner; rows without a transform cannot be selected."""
@@ -460,6 +472,7 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         warnings = self.logic.resultWarnings(result)
         self.ui.warningsLabel.text = "\n".join(_("Warning: {text}").format(text=w) for w in warnings)
         self.ui.warningsLabel.visible = bool(warnings)
+        self.showTrust(result)
         table = self.ui.resultsTable
         self._fillingResults = True
         try:
@@ -477,10 +490,23 @@ class AutoRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         item.setBackground(qt.QBrush(qt.QColor(200, 240, 200)))
                     table.setItem(row, column, item)
             table.resizeColumnsToContents()
-            if result.best is not None:
+            # A winner the user declined stays unselected, so clicking its row applies it after all.
+            if result.best is not None and result.applied:
                 table.selectRow(result.candidates.index(result.best))
         finally:
             self._fillingResults = False
+
+    def showTrust(self, result) -> None:
+        """The winner's trust verdict under the Register button: light and estimate in the light's colour, the
+        reason on the line below; hidden when there is none (before the first run, during a run)."""
+        trust = result.trust if result is not None else {}
+        headline = AutoRegisterLogic.trustHeadline(trust)
+        self.ui.trustLabel.text = f"● {headline}" if headline else ""
+        self.ui.trustLabel.styleSheet = (
+            f"color: {TRUST_COLOURS.get(trust.get('light'), 'black')}; font-weight: bold" if headline else "")
+        self.ui.trustReasonLabel.text = str(trust.get("reason") or "") if headline else ""
+        self.ui.trustLabel.visible = bool(headline)
+        self.ui.trustReasonLabel.visible = bool(headline and self.ui.trustReasonLabel.text)
 
     def onResultSelectionChanged(self) -> None:
         """Apply the selected candidate instead of the winner."""
@@ -531,12 +557,36 @@ class AutoRegisterResult:
     transformNode: object = None
     outputVolume: object = None
     candidateTransformNodes: dict = field(default_factory=dict)
+    #: True once a candidate's transform is the moving volume's parent (a red winner the user declined: False).
+    applied: bool = False
+    #: The trust verdict's disagreement map (mm) as a volume node, or None when the engine wrote none.
+    disagreementNode: object = None
 
     def __getattr__(self, name):
         """The library's outputs answer the rest: candidates, best, summary, exit_code, candidate(name)."""
         if name == "outputs":
             raise AttributeError(name)
         return getattr(self.outputs, name)
+
+    @property
+    def light(self):
+        """The trust verdict's light: "green", "amber", "red", or None when there is no verdict."""
+        return self.outputs.trust.get("light")
+
+    @property
+    def verdict(self):
+        """The trust verdict in words, e.g. "RED: estimated error 4.2 mm (90 %: 2.5–7.0 mm); candidates disagree
+        by ..." ("" when there is none); `trust` has every number."""
+        headline = AutoRegisterLogic.trustHeadline(self.outputs.trust)
+        reason = self.outputs.trust.get("reason")
+        return f"{headline}; {reason}" if headline and reason else headline
+
+    @property
+    def untrusted(self):
+        """True when the winner must not be applied without asking: a red verdict (the engine's exit code 4)."""
+        from AutoRegisterLib.events import ExitCode
+
+        return self.best is not None and (self.light == "red" or self.exit_code == ExitCode.UNTRUSTED)
 
     def transform(self, name):
         """The SimpleITK transform of candidate `name`, read from its file (only now: it can be large)."""
@@ -689,16 +739,18 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
 
         return None if node is None else mrml.mask_from_node(node, volume, segmentID, world=world)
 
-    def register(self, fixedVolume, movingVolume, progress=None, timeout=None, **options):
+    def register(self, fixedVolume, movingVolume, progress=None, timeout=None, applyUntrusted=None, **options):
         """Register without the GUI: start the engine, wait (Slicer keeps drawing), apply the best result.
 
         Options are those of start(). Returns an AutoRegisterResult with every candidate;
-        result.transformNode is the moving volume's new parent transform.
+        result.transformNode is the moving volume's new parent transform. result.verdict says how far to
+        trust it (result.light, result.trust: every number) and result.disagreementNode maps where candidates
+        disagree. A red winner is applied only when `applyUntrusted` says so: True, False, or None to ask.
         """
         run = self.start(fixedVolume, movingVolume, **options)
         try:
             run.engine.wait(progress=progress or self._logProgress, timeout=timeout, idle=self._processEvents)
-            return self.finish(run)
+            return self.finish(run, applyUntrusted=applyUntrusted)
         except BaseException:
             run.engine.cleanup()
             raise
@@ -720,15 +772,18 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
                 name=event["candidate"], status=event.get("status"), running=running)
         return _("Running: {running}").format(running=running)
 
-    def finish(self, run):
-        """Read the engine's outputs and make the winner the moving volume's parent transform."""
+    def finish(self, run, applyUntrusted=None):
+        """Read the engine's outputs, load the disagreement map and make the winner the moving volume's parent
+        transform. A winner with a red trust verdict (exit code 4) is applied only when `applyUntrusted` says so:
+        True, False, a function of the result, or None to ask the user (askToApplyUntrusted)."""
         from AutoRegisterLib.events import ExitCode
 
         engine = run.engine
         if engine.cancelled:
             raise RuntimeError(_("Registration cancelled; the scene was not changed."))
         outputs = engine.outputs()
-        if outputs.exit_code not in (ExitCode.OK, ExitCode.NO_RESULT) or not outputs.summary:
+        kept = (ExitCode.OK, ExitCode.NO_RESULT, ExitCode.UNTRUSTED)  # each wrote result.json
+        if outputs.exit_code not in kept or not outputs.summary:
             details = outputs.message or f"exit code {outputs.exit_code}"
             raise RuntimeError(_("The registration engine failed: {details}").format(details=details))
         self._checkEngineLibrary(engine)
@@ -740,16 +795,82 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
         result = AutoRegisterResult(outputs=outputs, fixedVolume=run.fixedVolume, movingVolume=run.movingVolume,
                                     tableName=run.tableName, runFolder=engine.run_dir,
                                     createOutputVolume=run.createOutputVolume)
+        self.loadDisagreementMap(result)
         if result.best is None:
             reasons = "; ".join(f"{c.name}: {c.error or c.status}" for c in result.candidates)
             result.message = _("No preset succeeded ({reasons}).").format(reasons=reasons)
             return result
-        self.applyCandidate(result, result.best.name)
+        if result.verdict:
+            logging.info(f"AutoRegister: trust {result.verdict}")
         if run.keepAllCandidates:
             self._keepCandidateNodes(result)
-        result.message = _("Best: {name} (score {score:.3f}); applied to '{moving}'.").format(
-            name=result.best.name, score=result.best.score or 0.0, moving=result.movingVolume.GetName())
+        names = dict(name=result.best.name, score=result.best.score or 0.0, moving=result.movingVolume.GetName())
+        if result.untrusted and not self._applyUntrusted(result, applyUntrusted):
+            result.message = _("Best: {name} (score {score:.3f}), NOT applied: its trust verdict is red. "
+                               "'{moving}' keeps its transform; select {name} in Results to apply it anyway.").format(
+                **names)
+            return result
+        self.applyCandidate(result, result.best.name)
+        if result.untrusted:
+            result.message = _("Best: {name} (score {score:.3f}); applied to '{moving}' although its trust verdict "
+                               "is red: check it before using it.").format(**names)
+        else:
+            result.message = _("Best: {name} (score {score:.3f}); applied to '{moving}'.").format(**names)
         return result
+
+    def _applyUntrusted(self, result, applyUntrusted):
+        """Whether to apply a red winner: the caller's answer, or the user's."""
+        if applyUntrusted is None:
+            return bool(self.askToApplyUntrusted(result))
+        return bool(applyUntrusted(result) if callable(applyUntrusted) else applyUntrusted)
+
+    def askToApplyUntrusted(self, result):
+        """Ask the user whether to apply a winner whose trust verdict is red (Yes/No). In Slicer's testing mode
+        nobody can answer: no dialog, the answer is Yes and the log says so, as Slicer's confirm dialogs document."""
+        if self.testingEnabled():
+            # Decided here: slicer.util.confirmYesNoDisplay returns `True == qt.QMessageBox.Yes` (False) then.
+            logging.warning(f"AutoRegister: testing mode: applying {result.best.name} without asking, although its "
+                            f"trust verdict is {result.verdict}")
+            return True
+        where = (_("\n\n'{map}' shows where the candidates disagree.").format(map=result.disagreementNode.GetName())
+                 if result.disagreementNode is not None else "")
+        return slicer.util.confirmYesNoDisplay(
+            _("The trust verdict on {name} is {verdict}.{where}\n\nApply {name} to '{moving}' anyway?").format(
+                name=result.best.name, verdict=result.verdict, where=where, moving=result.movingVolume.GetName()),
+            windowTitle=_("AutoRegister: check this result"))
+
+    @staticmethod
+    def testingEnabled():
+        """True when Slicer runs its tests (--testing): nobody is there to answer a question."""
+        app = getattr(slicer, "app", None)
+        return bool(app is not None and app.testingEnabled())
+
+    @staticmethod
+    def trustHeadline(trust):
+        """A trust verdict (result.trust) in one line: "GREEN: estimated error 0.6 mm (90 %: 0.3–1.1 mm)"."""
+        from AutoRegisterLib.trust import headline
+
+        return headline(trust)
+
+    def loadDisagreementMap(self, result):
+        """Load the engine's disagreement map (mm) as the volume node result.disagreementNode, replacing the one a
+        previous run made for the same moving volume; without a map that node is removed (it showed another run)."""
+        from AutoRegisterLib import mrml
+        from AutoRegisterLib.image import read_image
+
+        moving, scene = result.movingVolume, self.scene
+        previous = mrml.find_output_node(scene, "disagreement", moving)
+        path = result.outputs.disagreement_path
+        if path is None:
+            if previous is not None:
+                scene.RemoveNode(previous)
+            return None
+        node = mrml.disagreement_node_from_image(read_image(path), scene, name=f"{moving.GetName()} disagreement (mm)",
+                                                 node=previous)
+        mrml.mark_output_node(node, "disagreement", moving)
+        self._placeBeside(node, moving)
+        result.disagreementNode = node
+        return node
 
     def _checkEngineLibrary(self, engine):
         """Warn when the engine ran another AutoRegisterLib than this module (an installed extension and a
@@ -786,6 +907,7 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
         moving.SetAndObserveTransformNodeID(node.GetID())
         self._placeBeside(node, moving)
         result.transformNode = node
+        result.applied = True
         if result.createOutputVolume:
             warped = resample_to_grid(mrml.image_from_volume_node(moving),
                                       mrml.image_from_volume_node(result.fixedVolume, world=True), transform)
@@ -806,11 +928,23 @@ class AutoRegisterLogic(ScriptedLoadableModuleLogic):
             logging.debug(f"AutoRegister: subject hierarchy not set: {exc}")
 
     def showInViews(self, result):
-        """Show the registered moving volume over the fixed one in the slice views."""
-        if result.best is not None and hasattr(slicer.util, "setSliceViewerLayers"):
+        """Show the registered moving volume over the fixed one in the slice views; for an amber or red verdict,
+        the disagreement map instead, with the views moved to where it is largest (its worst slice)."""
+        from AutoRegisterLib import mrml
+
+        if result.best is None or not hasattr(slicer.util, "setSliceViewerLayers"):
+            return
+        if result.disagreementNode is None or result.light not in SHOW_DISAGREEMENT_FOR:
             slicer.util.setSliceViewerLayers(background=result.fixedVolume,
                                              foreground=result.outputVolume or result.movingVolume,
                                              foregroundOpacity=0.5, fit=True)
+            return
+        slicer.util.setSliceViewerLayers(background=result.fixedVolume, foreground=result.disagreementNode,
+                                         foregroundOpacity=0.4, fit=True)
+        # After the fit, which centres the views on the volume.
+        point = mrml.hottest_point_ras(result.disagreementNode, result.trust.get("worst_slice"))
+        if point is not None:
+            slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, *(float(v) for v in point))
 
     def _keepCandidateNodes(self, result):
         from AutoRegisterLib import mrml

@@ -244,8 +244,9 @@ def register_main(argv) -> int:
         return _finish(args, ExitCode.NO_RESULT, "autoregister: no preset succeeded; see result.json for the reasons")
     trust = result.trust
     if trust is not None and not args.progress_json:
-        print(f"autoregister: trust {trust.light.upper()}: estimated error {trust.estimate_mm:.1f} mm "
-              f"(90 % interval {trust.low_mm:.1f}-{trust.high_mm:.1f} mm); {trust.reason}", file=sys.stderr)
+        from .trust import headline
+
+        print(f"autoregister: trust {headline(trust.to_dict())}; {trust.reason}", file=sys.stderr)
     if trust is not None and trust.light == "red":
         return _finish(args, ExitCode.UNTRUSTED, "autoregister: the result was written but its trust verdict is red: "
                                                  "check it before using it (exit 4)")

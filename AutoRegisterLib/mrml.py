@@ -32,6 +32,19 @@ OUTPUT_ATTRIBUTE = "AutoRegister.Output"
 #: Node reference role from an output node to the moving volume it belongs to.
 OUTPUT_FOR_REFERENCE = "AutoRegisterOutputFor"
 
+#: Colour maps for the trust verdict's disagreement map, best first: Inferno is one of the colour files Slicer's
+#: colour logic loads at startup; the PET heat map is built in (the only choice with slicer-core alone).
+DISAGREEMENT_COLORS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLPETProceduralColorNodePET-Heat")
+#: Disagreement (mm) at the top of the colour map: a fixed scale, so a map of agreeing candidates stays dark
+#: instead of being stretched to look alarming; larger values saturate.
+DISAGREEMENT_SCALE_MM = 5.0
+#: What NaN (outside the head) becomes in the node: a colour map gives NaN a colour of its own (VTK's lookup
+#: tables have a NaN colour), whereas a value below the display threshold is left transparent.
+OUTSIDE_HEAD = -1.0
+#: The display threshold's lower end (mm): read through ITK's NIfTI reader (SimpleITK, Slicer's volume reader),
+#: disagreement.nii.gz's NaN outside the head arrives as 0, so 0 must be transparent too.
+SHOWN_FROM_MM = 1e-3
+
 
 def _slicer():
     import slicer
@@ -393,3 +406,41 @@ def is_output_node(node) -> bool:
 def transform_point_ras(node, point_ras) -> np.ndarray:
     """Apply a transform node's FromParent (fixed->moving, RAS) to one point."""
     return np.array(node.GetTransformFromParent().TransformPoint(tuple(float(v) for v in point_ras)))
+
+
+# --- the trust verdict's disagreement map ------------------------------------------------------
+
+def disagreement_node_from_image(image: Image, scene, name: str | None = None, node=None):
+    """Put the trust verdict's disagreement map (mm, NaN or 0 outside the head) into a scalar volume node (or
+    refill `node`) displayed as a heat map over 0-`DISAGREEMENT_SCALE_MM` mm, transparent outside the head."""
+    values = np.asarray(image.array, dtype=np.float32)
+    inside = np.isfinite(values)
+    node = volume_node_from_image(image.with_array(np.where(inside, values, OUTSIDE_HEAD).astype(np.float32)),
+                                  scene, name=name, node=node)
+    display = node.GetDisplayNode()
+    present = [color for color in DISAGREEMENT_COLORS if scene.GetNodeByID(color) is not None]
+    display.SetAndObserveColorNodeID((present or DISAGREEMENT_COLORS)[0])
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, DISAGREEMENT_SCALE_MM)
+    display.AutoThresholdOff()
+    top = float(values[inside].max()) if inside.any() else 0.0
+    display.SetThreshold(SHOWN_FROM_MM, max(top, DISAGREEMENT_SCALE_MM))
+    display.ApplyThresholdOn()
+    return node
+
+
+def hottest_point_ras(node, axial_slice: int | None = None) -> np.ndarray | None:
+    """RAS centre of the voxel where a map node is largest, within `axial_slice` (an index of the first array
+    axis, as the trust verdict's ``worst_slice`` counts) when it is one; None when all there is outside the head
+    (NaN, or 0 read back from NIfTI)."""
+    image = image_from_volume_node(node)
+    values = np.where(np.isfinite(image.array), image.array, OUTSIDE_HEAD)
+    if axial_slice is not None and 0 <= axial_slice < values.shape[0]:
+        others = np.ones(values.shape[0], bool)
+        others[axial_slice] = False
+        values = values.copy()
+        values[others] = OUTSIDE_HEAD
+    if values.max() < SHOWN_FROM_MM:
+        return None
+    z, y, x = np.unravel_index(int(np.argmax(values)), values.shape)
+    return LPS_FROM_RAS @ image.physical_points(np.array([[x, y, z]], dtype=np.float64))[0]

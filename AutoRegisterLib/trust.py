@@ -197,6 +197,15 @@ def fit(sigs: list[Signals], errors_mm: list[float], coverage: float = 0.9, **th
 
 # --- the verdict ----------------------------------------------------------------------------------------
 
+def headline(trust: dict) -> str:
+    """A verdict read back from result.json in one line: "GREEN: estimated error 0.6 mm (90 %: 0.3–1.1 mm)"
+    ("" when there is none)."""
+    if not trust or not trust.get("light"):
+        return ""
+    return (f"{str(trust['light']).upper()}: estimated error {float(trust['estimate_mm']):.1f} mm "
+            f"(90 %: {float(trust['low_mm']):.1f}–{float(trust['high_mm']):.1f} mm)")
+
+
 def _where(disagreement: Image, head_centre_mm: np.ndarray) -> str:
     """Where the disagreement is largest, in words (left/right, front/back, upper/lower part of the head)."""
     arr = np.nan_to_num(disagreement.array, nan=0.0)

@@ -20,6 +20,13 @@ class Qt:
     Unchecked, Checked = 0, 2
 
 
+class QMessageBox:
+    """The standard buttons and icons (their values in Qt's qmessagebox.h)."""
+
+    Ok, Yes, No, Cancel = 0x00000400, 0x00004000, 0x00010000, 0x00400000
+    Question = 4
+
+
 class _Item:
     def __init__(self, text=""):
         self._text, self._flags, self._check = text, Qt.ItemIsSelectable | Qt.ItemIsEnabled, Qt.Unchecked
@@ -81,6 +88,7 @@ def qt_module() -> types.ModuleType:
     module.Qt = Qt
     module.QListWidgetItem = module.QTableWidgetItem = _Item
     module.QTimer = QTimer
+    module.QMessageBox = QMessageBox
     module.QBrush = module.QColor = lambda *args: args
     return module
 

@@ -30,6 +30,9 @@ re-states, rule by rule, what Slicer 5.8 and 5.10 do, each with the source lines
   the None is necessary for the parameterNodeWrapper");
 - `qMRMLNodeComboBoxToNodeConnector.__init__` sets the combo box's `nodeTypes` from the parameter's type
   (util.py `getNodeTypes`), whatever the .ui says.
+- `slicer.util.confirmYesNoDisplay` logs its text and, in testing mode, shows nothing and returns
+  `True == qt.QMessageBox.Yes`, which is False, though its docstring promises True; otherwise a modal Yes/No box
+  waits for the user (`ConfirmYesNoDisplay` below).
 
 The Slicer source read for these rules: Slicer/Slicer Base/Python/slicer/parameterNodeWrapper/ guiConnectors.py
 (0e31bd8), serializers.py, util.py (52586f7) and validators.py (01c2def) as stored by the project's code index.
@@ -342,3 +345,28 @@ def parameter_node_wrapper(cls):
     Wrapped.__module__ = cls.__module__
     Wrapped.rules_class = cls
     return Wrapped
+
+
+class ConfirmYesNoDisplay:
+    """`slicer.util.confirmYesNoDisplay(text, windowTitle=None, parent=None, **kwargs)` as Slicer runs it
+    (Base/Python/slicer/util.py `confirmYesNoDisplay` and `_messageDisplay`; read in the copy slicer-core
+    5.13.31053 ships, util.py:3396-3408 and 3424-3455, since the code index holds no 5.8 or 5.10 util.py): the
+    text is logged; when `slicer.app.testingEnabled()`, no box is shown and `_messageDisplay` returns its
+    testingReturnValue True, which confirmYesNoDisplay compares with qt.QMessageBox.Yes: False; otherwise a
+    modal box waits until the user clicks, and the result is whether that was Yes. `answer` is the user's
+    click; `questions` holds (windowTitle, text) of every box shown."""
+
+    YES = 0x00004000  # qt.QMessageBox.Yes
+
+    def __init__(self, answer: bool = True, testing: bool = False):
+        self.answer, self.testing, self.questions = answer, testing, []
+
+    def __call__(self, text, windowTitle=None, parent=None, **kwargs):
+        import logging
+
+        logging.info(text)
+        if self.testing:
+            testing_return_value = True
+            return testing_return_value == self.YES
+        self.questions.append((windowTitle, text))
+        return bool(self.answer)

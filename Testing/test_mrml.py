@@ -480,3 +480,83 @@ def test_mask_export_leaves_the_scene_as_it_was_and_refuses_what_is_no_mask(slic
         mrml.mask_from_node(roi, volume, world=False)
     with pytest.raises(InputError, match="cannot be a mask"):
         mrml.mask_from_node(scene.AddNode(slicer.vtkMRMLModelNode()), volume)
+
+
+# --- the trust verdict's disagreement map --------------------------------------------------------
+
+def _map_image() -> Image:
+    """A 5 mm map, NaN outside a block (the head), 0.5 mm inside and 7.5 mm at voxel (x=4, y=3, z=2)."""
+    values = np.full((4, 5, 6), np.nan, np.float32)
+    values[1:3, 1:4, 1:5] = 0.5
+    values[2, 3, 4] = 7.5
+    return Image(values, (5.0, 5.0, 5.0), (-10.0, 20.0, 30.0), oblique_direction())
+
+
+def test_disagreement_map_is_a_heat_map_node_transparent_outside_the_head():
+    """NaN (outside the head) becomes a value under the display threshold; the colour map spans a fixed
+    0-5 mm, so agreeing candidates stay dark; refilling keeps the node."""
+    image = _map_image()
+    scene = slicer.vtkMRMLScene()
+    node = mrml.disagreement_node_from_image(image, scene, "moving disagreement (mm)")
+    back = mrml.image_from_volume_node(node)
+    assert back.same_grid(image) and node.GetName() == "moving disagreement (mm)"
+    inside = np.isfinite(image.array)
+    assert np.array_equal(back.array[inside], image.array[inside])
+    assert np.all(back.array[~inside] == mrml.OUTSIDE_HEAD) and mrml.OUTSIDE_HEAD < 0
+    display = node.GetDisplayNode()
+    assert display.GetApplyThreshold() and not display.GetAutoThreshold()
+    assert 0.0 < display.GetLowerThreshold() <= 0.01 and display.GetUpperThreshold() >= 7.5
+    assert not display.GetAutoWindowLevel()
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, mrml.DISAGREEMENT_SCALE_MM)
+    # No colour node in a bare scene: the first choice, found once Slicer's colour logic has added it.
+    assert display.GetColorNodeID() == mrml.DISAGREEMENT_COLORS[0]
+    again = mrml.disagreement_node_from_image(image.with_array(np.zeros_like(image.array)), scene, node=node)
+    assert again is node and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+
+
+def test_disagreement_map_takes_the_first_colour_map_the_scene_holds():
+    """slicer-core's colour logic adds the built-in maps but not Slicer's colour files (Inferno): the heat map
+    then; with Inferno present (the colour logic gives a file's node the ID 'vtkMRMLColorTableNodeFile<name>'),
+    Inferno."""
+    scene = slicer.vtkMRMLScene()
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLScene(scene)
+    assert scene.GetNodeByID(mrml.DISAGREEMENT_COLORS[0]) is None
+    node = mrml.disagreement_node_from_image(_map_image(), scene, "map")
+    assert node.GetDisplayNode().GetColorNodeID() == mrml.DISAGREEMENT_COLORS[1]
+    assert scene.GetNodeByID(mrml.DISAGREEMENT_COLORS[1]) is not None
+    assert slicer.vtkMRMLColorLogic.GetFileColorNodeID("Inferno.txt") == mrml.DISAGREEMENT_COLORS[0]
+    inferno = slicer.vtkMRMLColorTableNode()
+    inferno.SetSingletonTag("FileInferno.txt")
+    scene.AddNode(inferno)
+    assert inferno.GetID() == mrml.DISAGREEMENT_COLORS[0]
+    node = mrml.disagreement_node_from_image(_map_image(), scene, node=node)
+    assert node.GetDisplayNode().GetColorNodeID() == mrml.DISAGREEMENT_COLORS[0]
+
+
+def test_the_hottest_point_of_a_map_is_its_largest_voxel_in_the_worst_slice():
+    image = _map_image()
+    node = mrml.disagreement_node_from_image(image, slicer.vtkMRMLScene(), "map")
+    expected = to_lps(image.physical_points(np.array([[4.0, 3.0, 2.0]]))[0])  # LPS -> RAS: the same flip
+    assert np.allclose(mrml.hottest_point_ras(node, 2), expected)
+    assert np.allclose(mrml.hottest_point_ras(node), expected)
+    below = mrml.hottest_point_ras(node, 1)  # slice 1 holds only 0.5 mm: its first such voxel
+    assert below is not None and np.allclose(below, to_lps(image.physical_points(np.array([[1.0, 1.0, 1.0]]))[0]))
+    assert mrml.hottest_point_ras(node, 0) is None  # all outside the head
+
+
+def test_a_map_read_back_from_nifti_has_0_outside_the_head_and_that_is_transparent_too(tmp_path):
+    """ITK's NIfTI reader (here through SimpleITK) reads disagreement.nii.gz's NaN as 0: the node must still
+    leave the outside of the head transparent and find its hottest point inside."""
+    from AutoRegisterLib.image import read_image, write_image
+
+    image = _map_image()
+    write_image(image, tmp_path / "disagreement.nii.gz")
+    read = read_image(tmp_path / "disagreement.nii.gz")
+    outside = ~np.isfinite(image.array)
+    assert not np.isnan(read.array).any() and np.all(read.array[outside] == 0.0)
+    scene = slicer.vtkMRMLScene()  # kept: the display node lives in it
+    node = mrml.disagreement_node_from_image(read, scene, "map")
+    assert node.GetDisplayNode().GetLowerThreshold() > 0.0  # 0 is below it: transparent
+    assert np.allclose(mrml.hottest_point_ras(node, 2), to_lps(image.physical_points(np.array([[4.0, 3.0, 2.0]]))[0]))
+    assert mrml.hottest_point_ras(node, 0) is None

@@ -133,6 +133,33 @@ def test_scoring_window_default_means_the_tables_own_window(slicer_module):
     assert [logic_cls.scoringWindow(v) for v in (3, 4, 5, 6, 15)] == [3, 5, 5, 7, 15]
 
 
+# --- asking the user: slicer.util.confirmYesNoDisplay ---------------------------------------------------
+
+def test_the_confirm_stand_in_takes_slicers_arguments_and_answers_as_slicers_own_in_testing_mode(monkeypatch):
+    """slicer-core ships Slicer's Base/Python/slicer/util.py: run its confirmYesNoDisplay in testing mode (qt and
+    slicer.app stood in) and it shows no box and returns False, though its docstring says True ("Yes"), because
+    it compares _messageDisplay's testingReturnValue True with qt.QMessageBox.Yes. The stand-in does the same;
+    the module therefore decides testing mode itself (AutoRegisterLogic.askToApplyUntrusted)."""
+    import inspect
+    import types
+
+    import fake_qt
+
+    slicer = pytest.importorskip("slicer")
+    real = slicer.util.confirmYesNoDisplay
+    stand_in = slicer_rules.ConfirmYesNoDisplay(answer=True, testing=True)
+    assert inspect.signature(stand_in) == inspect.signature(real)
+    monkeypatch.setitem(sys.modules, "qt", fake_qt.qt_module())
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: True, applicationName="Slicer"),
+                        raising=False)
+    shown = []
+    monkeypatch.setattr(slicer.util, "messageBox", lambda *args, **kwargs: shown.append(args))
+    assert real("Apply it anyway?", windowTitle="check") is False and shown == []
+    assert stand_in("Apply it anyway?", windowTitle="check") is False and stand_in.questions == []
+    asked = slicer_rules.ConfirmYesNoDisplay(answer=True)
+    assert asked("Apply it anyway?", windowTitle="check") is True and asked.questions == [("check", "Apply it anyway?")]
+
+
 # --- the in-Slicer self-test's error measure (B2) -----------------------------------------------------
 
 def test_self_test_error_measure_is_zero_for_the_exact_inverse_and_large_for_the_transform(slicer_module):

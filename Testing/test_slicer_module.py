@@ -10,6 +10,7 @@ is slicer-core's, and the engine runs as the real background command.
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 import shutil
 import subprocess
@@ -396,3 +397,204 @@ def test_a_mask_the_engine_refuses_fails_the_run_with_its_one_line(slicer_module
         logic.register(fixed, moving, presets=["sitk-rigid"], fixedModality="T1", movingModality="T1",
                        movingMask=labelmap, timeout=120)
     assert moving.GetParentTransformNode() is None
+
+
+# --- the trust verdict (issue #12) --------------------------------------------------------------------
+
+def _ended_run(slicer_module, folder, case, light="red", disagreement=True, hot_xyz=(3, 2, 1)):
+    """A run that ended as the engine ends one won by the exact answer (truth's inverse) with a `light` verdict
+    (exit code 4 when red), its disagreement map written when `disagreement`; and that map (or None)."""
+    from engine_outputs import EndedEngine, disagreement_map, exit_code_of, write_engine_outputs
+
+    fixed_image, truth, scene, fixed, moving = case
+    grid = disagreement_map(fixed_image, hot_xyz=hot_xyz) if disagreement else None
+    write_engine_outputs(Path(folder) / "out", truth.GetInverse(), light, grid,
+                         worst_slice=hot_xyz[2] if disagreement else None)
+    return slicer_module.AutoRegisterRun(EndedEngine(folder, exit_code_of(light)), fixed, moving, "two"), grid
+
+
+@pytest.fixture()
+def ask(monkeypatch):
+    """slicer.util.confirmYesNoDisplay with Slicer's rules (slicer_rules.ConfirmYesNoDisplay): the user says No
+    unless the test says otherwise; every box shown is recorded."""
+    import slicer
+    import slicer_rules
+
+    dialog = slicer_rules.ConfirmYesNoDisplay(answer=False)
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", dialog)
+    return dialog
+
+
+def test_a_red_result_is_applied_only_when_the_user_says_yes(slicer_module, case_nodes, tmp_path, ask):
+    """Exit code 4: the user is asked first; No leaves the moving volume as it was and says so, Yes applies."""
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    run, _ = _ended_run(slicer_module, tmp_path / "no", case_nodes)
+    result = logic.finish(run)
+    assert run.engine.exit_code == 4 and len(ask.questions) == 1
+    title, text = ask.questions[0]
+    assert title == "AutoRegister: check this result"
+    assert "sitk-rigid is RED: estimated error 6.1 mm (90 %: 3.5–11.0 mm); candidates disagree by 6.1 mm" in text
+    assert "'AutoRegister test moving disagreement (mm)' shows where" in text
+    assert text.endswith("Apply sitk-rigid to 'AutoRegister test moving' anyway?")
+    assert not result.applied and result.transformNode is None and moving.GetParentTransformNode() is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0
+    assert "NOT applied" in result.message and "select sitk-rigid in Results" in result.message
+    # What a console user reads: the light, the words and every number.
+    assert result.light == "red" and result.untrusted and result.trust["high_mm"] == 11.0
+    assert result.verdict.startswith("RED: estimated error 6.1 mm (90 %: 3.5–11.0 mm); candidates disagree")
+    assert result.disagreementNode is not None
+
+    ask.answer = True
+    result = logic.finish(_ended_run(slicer_module, tmp_path / "yes", case_nodes)[0])
+    assert len(ask.questions) == 2 and result.applied
+    assert moving.GetParentTransformNode() is result.transformNode
+    assert slicer_module.AutoRegisterTest().meanErrorMm(result.transformNode, fixed_image, truth) < 0.01
+    assert "although its trust verdict is red" in result.message
+
+
+def test_the_console_can_answer_for_a_red_result_and_a_green_one_asks_nothing(slicer_module, case_nodes, tmp_path,
+                                                                                ask):
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    declined = logic.finish(_ended_run(slicer_module, tmp_path / "red0", case_nodes)[0], applyUntrusted=False)
+    assert not declined.applied and moving.GetParentTransformNode() is None
+    judged = []
+    accepted = logic.finish(_ended_run(slicer_module, tmp_path / "red1", case_nodes)[0],
+                            applyUntrusted=lambda result: judged.append(result.verdict) or True)
+    assert accepted.applied and judged and judged[0].startswith("RED")
+    for light in ("green", "amber", None):
+        result = logic.finish(_ended_run(slicer_module, tmp_path / str(light), case_nodes, light)[0])
+        assert result.applied and not result.untrusted and moving.GetParentTransformNode() is result.transformNode
+        assert result.message.endswith("applied to 'AutoRegister test moving'.")
+        assert result.light == light and (result.verdict != "") == (light is not None)
+    assert ask.questions == []
+
+
+def test_in_slicers_testing_mode_a_red_result_is_applied_without_a_dialog(slicer_module, case_nodes, tmp_path,
+                                                                           monkeypatch, caplog):
+    """Nobody answers in testing mode: Slicer's confirm dialogs document Yes without a box, but
+    confirmYesNoDisplay returns `True == qt.QMessageBox.Yes` (False) then, so the module decides itself."""
+    import types
+
+    import slicer
+    import slicer_rules
+
+    dialog = slicer_rules.ConfirmYesNoDisplay(answer=False, testing=True)
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", dialog)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: True), raising=False)
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    assert dialog("Apply?", windowTitle="check") is False  # what relying on it would do
+    with caplog.at_level("WARNING"):
+        result = slicer_module.AutoRegisterLogic(scene=scene).finish(_ended_run(slicer_module, tmp_path, case_nodes)[0])
+    assert result.applied and moving.GetParentTransformNode() is result.transformNode and dialog.questions == []
+    assert any("testing mode" in r.getMessage() and "RED" in r.getMessage() for r in caplog.records)
+
+
+def test_the_disagreement_map_is_one_node_per_moving_volume_that_the_next_run_replaces(slicer_module, case_nodes,
+                                                                                      tmp_path, ask):
+    """Loaded on the fixed volume's coarse grid as the engine wrote it; a re-run refills the same node; a run
+    without a map removes it (it showed another run's winner), without an error."""
+    from AutoRegisterLib import mrml
+
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    result = logic.finish(_ended_run(slicer_module, tmp_path / "1", case_nodes, "amber")[0])
+    node, grid = result.disagreementNode, _ended_run(slicer_module, tmp_path / "grid", case_nodes)[1]
+    assert node.GetName() == "AutoRegister test moving disagreement (mm)" and mrml.is_output_node(node)
+    loaded = mrml.image_from_volume_node(node)
+    assert loaded.same_grid(grid) and loaded.array.max() == 9.0
+    outside = ~np.isfinite(grid.array)  # NaN in the file: 0 once read (ITK's NIfTI reader), under the threshold
+    assert np.all(loaded.array[outside] < node.GetDisplayNode().GetLowerThreshold())
+    assert node.GetDisplayNode().GetColorNodeID() in mrml.DISAGREEMENT_COLORS
+    volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    again = logic.finish(_ended_run(slicer_module, tmp_path / "2", case_nodes, "green", hot_xyz=(5, 5, 5))[0])
+    assert again.disagreementNode.GetID() == node.GetID()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
+    assert mrml.image_from_volume_node(node).array[5, 5, 5] == 9.0
+    without = logic.finish(_ended_run(slicer_module, tmp_path / "3", case_nodes, "green", disagreement=False)[0])
+    assert without.disagreementNode is None and without.applied
+    assert scene.GetNodeByID(node.GetID()) is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes - 1
+
+
+def _record_layers(monkeypatch):
+    """slicer.util.setSliceViewerLayers with Slicer's keywords (util.py), recording each call's."""
+    import slicer
+
+    calls = []
+
+    def set_slice_viewer_layers(background="keep-current", foreground="keep-current", label="keep-current",
+                                foregroundOpacity=None, labelOpacity=None, fit=False, rotateToVolumePlane=False):
+        calls.append(dict(background=background, foreground=foreground, foregroundOpacity=foregroundOpacity, fit=fit))
+
+    # slicer-core ships Slicer's util.py: an argument the real one lacks would raise there.
+    assert inspect.signature(set_slice_viewer_layers) == inspect.signature(slicer.util.setSliceViewerLayers)
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", set_slice_viewer_layers)
+    return calls
+
+
+def test_an_amber_or_red_verdict_shows_its_map_over_the_fixed_volume_at_its_worst_slice(slicer_module, case_nodes,
+                                                                                      tmp_path, monkeypatch, ask):
+    """The map is the overlay and every slice view jumps to its largest disagreement (vtkMRMLSliceNode.JumpAllSlices,
+    slicer-core's own); a green result shows the registered volume, as before."""
+    import slicer
+
+    from AutoRegisterLib import mrml
+
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    axial = slicer.vtkMRMLSliceNode()  # a slice view's node: axial (its SliceToRAS is the identity)
+    axial.SetLayoutName("Red")
+    scene.AddNode(axial)
+    calls = _record_layers(monkeypatch)
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    result = logic.finish(_ended_run(slicer_module, tmp_path / "amber", case_nodes, "amber")[0])
+    logic.showInViews(result)
+    assert calls[-1] == dict(background=fixed, foreground=result.disagreementNode, foregroundOpacity=0.4, fit=True)
+    grid = _ended_run(slicer_module, tmp_path / "grid", case_nodes)[1]
+    hot = mrml.LPS_FROM_RAS @ grid.physical_points(np.array([[3.0, 2.0, 1.0]]))[0]
+    assert np.isclose(axial.GetSliceToRAS().GetElement(2, 3), hot[2])  # the axial view shows the worst slice
+    green = logic.finish(_ended_run(slicer_module, tmp_path / "green", case_nodes, "green")[0])
+    logic.showInViews(green)
+    assert calls[-1] == dict(background=fixed, foreground=moving, foregroundOpacity=0.5, fit=True)
+    assert green.disagreementNode is not None  # loaded all the same, one click away
+
+
+def test_a_run_that_ends_badly_is_still_an_error_whatever_its_verdict(slicer_module, case_nodes, tmp_path, ask):
+    from engine_outputs import EndedEngine
+
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    for code in (4, 1):  # exit 4 without result.json; a crash
+        run = slicer_module.AutoRegisterRun(EndedEngine(tmp_path / str(code), code, "boom"), fixed, moving, "two")
+        with pytest.raises(RuntimeError, match="engine failed: boom"):
+            logic.finish(run)
+    assert ask.questions == [] and moving.GetParentTransformNode() is None
+
+
+@pytest.mark.slow
+def test_the_engines_red_verdict_reaches_the_console_and_nothing_is_applied(slicer_module, case_nodes, tmp_path,
+                                                                            monkeypatch):
+    """The real engine under a calibration that calls everything red: exit code 4, result.json's verdict and
+    disagreement.nii.gz reach the result; declined, the scene keeps the moving volume as it was."""
+    from AutoRegisterLib import mrml
+    from AutoRegisterLib.image import coarsened
+    from AutoRegisterLib.trust import GRID_MM, Calibration
+
+    strict = tmp_path / "strict.json"
+    Calibration([0.0, 1.0, 0.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0, 0.0], -2.0, 2.0, red_min_mm=-1.0).save(strict)
+    monkeypatch.setenv("AUTOREGISTER_TRUST_CALIBRATION", str(strict))
+    fixed_image, truth, scene, fixed, moving = case_nodes
+    logic = slicer_module.AutoRegisterLogic(scene=scene)
+    result = logic.register(fixed, moving, presets=["sitk-rigid", "sitk-affine"], fixedModality="T1",
+                            movingModality="T1", applyUntrusted=False, timeout=300)
+    try:
+        assert int(result.exit_code) == 4 and result.light == "red" and result.verdict.startswith("RED")
+        assert not result.applied and moving.GetParentTransformNode() is None
+        assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0
+        loaded = mrml.image_from_volume_node(result.disagreementNode)
+        assert loaded.same_grid(coarsened(fixed_image, GRID_MM))
+        assert 0 <= result.trust["worst_slice"] < loaded.array.shape[0]
+    finally:
+        result.cleanup()

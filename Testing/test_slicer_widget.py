@@ -313,3 +313,98 @@ def test_the_runs_warnings_and_mask_notes_are_shown_with_its_result(panel, tmp_p
                                       movingVolume=moving, tableName="custom", runFolder=str(tmp_path / "run"))
     widget.showResult(quiet)
     assert not label.visible and label.text == ""
+
+
+# --- the trust verdict (issue #12) --------------------------------------------------------------------
+
+def _end_run(widget, folder, image, truth, fixed, moving, light):
+    """What the poll timer sees when the engine has ended a run won by the exact answer, with a `light` verdict
+    (exit code 4 when red) and its disagreement map: the result is brought into the scene."""
+    from engine_outputs import EndedEngine, disagreement_map, exit_code_of, write_engine_outputs
+
+    import AutoRegister
+
+    write_engine_outputs(Path(folder) / "out", truth.GetInverse(), light, disagreement_map(image), worst_slice=1)
+    widget._run = AutoRegister.AutoRegisterRun(EndedEngine(folder, exit_code_of(light)), fixed, moving, "two")
+    widget.onPollRun()
+    assert widget._run is None
+
+
+def _asking(monkeypatch, answer, log):
+    """slicer.util.confirmYesNoDisplay with Slicer's rules, answering `answer` and noting in `log` when it asks."""
+    import slicer
+    import slicer_rules
+
+    dialog = slicer_rules.ConfirmYesNoDisplay(answer=answer)
+
+    def confirm(text, windowTitle=None, parent=None, **kwargs):
+        log.append("asked")
+        return dialog(text, windowTitle=windowTitle, parent=parent, **kwargs)
+
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", confirm)
+    return dialog
+
+
+def _layers(monkeypatch, log):
+    """slicer.util.setSliceViewerLayers with Slicer's keywords, noting each overlay in `log`."""
+    import slicer
+
+    def set_slice_viewer_layers(background="keep-current", foreground="keep-current", label="keep-current",
+                                foregroundOpacity=None, labelOpacity=None, fit=False, rotateToVolumePlane=False):
+        log.append(foreground)
+
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", set_slice_viewer_layers)
+
+
+def test_the_verdict_shows_under_register_in_its_colour_and_goes_when_the_next_run_starts(panel, tmp_path,
+                                                                                          monkeypatch):
+    import AutoRegister
+
+    widget, fixed, moving, dialogs, image, truth = panel
+    label, reason = widget.ui.trustLabel, widget.ui.trustReasonLabel
+    assert not label.visible and label.text == "" and not reason.visible  # before the first run
+    log = []
+    _asking(monkeypatch, answer=False, log=log)
+    _layers(monkeypatch, log)
+    _end_run(widget, tmp_path / "green", image, truth, fixed, moving, "green")
+    assert dialogs == [] and "asked" not in log
+    assert label.visible and label.text == "● GREEN: estimated error 0.6 mm (90 %: 0.3–1.1 mm)"
+    assert AutoRegister.TRUST_COLOURS["green"] in label.styleSheet
+    assert reason.visible and reason.text.startswith("1 other candidate; the closest agrees within 0.4 mm")
+    assert moving.GetParentTransformNode() is widget._result.transformNode and log[-1] is moving
+    assert widget.ui.resultsTable.selected == [0]  # the winner's row
+    _end_run(widget, tmp_path / "amber", image, truth, fixed, moving, "amber")
+    assert label.text.startswith("● AMBER: estimated error 1.8 mm")
+    assert AutoRegister.TRUST_COLOURS["amber"] in label.styleSheet
+    assert log[-1] is widget._result.disagreementNode  # where the candidates disagree, over the fixed volume
+    _pick(widget, fixed, moving)
+    widget.ui.registerButton.click()
+    try:
+        assert widget._run is not None and not label.visible and label.text == "" and not reason.visible
+    finally:
+        widget.stopRun()
+
+
+def test_a_red_winner_waits_for_the_users_yes_and_its_row_applies_it_later(panel, tmp_path, monkeypatch):
+    """Exit code 4: the map is in the views before the question; No leaves the moving volume alone and says so;
+    the winner's row is left unselected, so a click on it applies it."""
+    import AutoRegister
+
+    widget, fixed, moving, dialogs, image, truth = panel
+    log = []
+    dialog = _asking(monkeypatch, answer=False, log=log)
+    _layers(monkeypatch, log)
+    _end_run(widget, tmp_path / "red", image, truth, fixed, moving, "red")
+    result = widget._result
+    assert dialogs == [] and len(dialog.questions) == 1
+    assert log.index(result.disagreementNode) < log.index("asked")
+    assert moving.GetParentTransformNode() is None and not result.applied
+    status = widget.ui.statusLabel.text
+    assert "NOT applied" in status and "trust verdict is red" in status
+    assert widget.ui.trustLabel.text.startswith("● RED: estimated error 6.1 mm (90 %: 3.5–11.0 mm)")
+    assert AutoRegister.TRUST_COLOURS["red"] in widget.ui.trustLabel.styleSheet
+    assert "left back part of the head" in widget.ui.trustReasonLabel.text
+    assert widget.ui.resultsTable.selected == []
+    widget.ui.resultsTable.selectRow(result.candidates.index(result.best))
+    assert moving.GetParentTransformNode() is result.transformNode and result.applied
+    assert widget.ui.statusLabel.text == "Using sitk-rigid." and dialogs == []

@@ -14,7 +14,7 @@ from AutoRegisterLib.events import Status  # noqa: E402
 from AutoRegisterLib.image import Image  # noqa: E402
 from AutoRegisterLib.presets import Table  # noqa: E402
 from AutoRegisterLib.results import Candidate, RegistrationResult  # noqa: E402
-from AutoRegisterLib.trust import Calibration, Signals, _where, fit, signals, verdict  # noqa: E402
+from AutoRegisterLib.trust import Calibration, Signals, Verdict, _where, fit, headline, signals, verdict  # noqa: E402
 
 
 def _shift(dx):
@@ -97,6 +97,14 @@ def test_where_names_the_side_of_the_head():
     arr2 = np.zeros_like(arr)
     arr2[8:12, 1:3, 8:12] = 6.0  # low y: LPS anterior
     assert "front" in _where(grid.with_array(arr2), np.array([-2.5, -2.5, -2.5]))
+
+
+def test_a_verdict_read_back_from_result_json_says_its_light_and_interval_in_one_line():
+    """The words the CLI and the Slicer panel show, from result.json's "trust" (none: nothing to say)."""
+    sig = Signals(1, 1, 0.4, 0.4, 0.4, 0.9, 0.9, 1.0, 0.1)
+    written = json.loads(json.dumps(Verdict("green", 0.62, 0.31, 1.08, "they agree", sig).to_dict()))
+    assert headline(written) == "GREEN: estimated error 0.6 mm (90 %: 0.3–1.1 mm)"
+    assert headline({}) == "" and headline(None) == ""
 
 
 def test_a_red_verdict_is_written_said_and_exits_4(rigid_case4, tmp_path):
