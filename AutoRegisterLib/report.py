@@ -142,7 +142,7 @@ def write_report_png(result, path) -> str:
         ax.axis("off")
     if disagreement is not None:
         ax = fig.add_subplot(nrows, ncols, len(shown) + 1)
-        plane = np.nan_to_num(disagreement.array[trust.worst_slice or 0], nan=0.0)
+        plane = np.maximum(np.nan_to_num(disagreement.array[trust.worst_slice or 0], nan=0.0), 0.0)
         im = ax.imshow(plane, cmap="magma", origin="lower", vmin=0.0, vmax=max(2.0, float(plane.max())))
         fig.colorbar(im, ax=ax, fraction=0.046, label="mm")
         ax.set_title(f"where candidates disagree (slice {trust.worst_slice})", fontsize=9)

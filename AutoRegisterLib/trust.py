@@ -31,6 +31,8 @@ CALIBRATION_ENV = "AUTOREGISTER_TRUST_CALIBRATION"
 #: The grid the disagreement is measured on (mm): transforms are smooth at this scale and it costs little.
 GRID_MM = 5.0
 LIGHTS = ("green", "amber", "red")
+#: The disagreement map's value outside the head: no disagreement is negative, and NIfTI readers turn NaN into 0.
+OUTSIDE_HEAD = -1.0
 
 
 @dataclass
@@ -100,7 +102,7 @@ def second_opinions(result) -> list:
 
 def signals(result, head: np.ndarray | None = None, grid_mm: float = GRID_MM) -> tuple[Signals, Image | None]:
     """The signals of `result`'s winner and the disagreement map (mm, on the fixed grid coarsened to `grid_mm`,
-    NaN outside the head); `head` is the fixed head mask there (computed when None)."""
+    `OUTSIDE_HEAD` outside the head); `head` is the fixed head mask there (computed when None)."""
     from .scoring import head_mask
 
     best = result.best
@@ -120,7 +122,7 @@ def signals(result, head: np.ndarray | None = None, grid_mm: float = GRID_MM) ->
     medians = np.array([float(np.median(d)) for _, d in per])
     other = [float(np.median(d)) for c, d in per if c.backend != best.backend]
     stacked = np.median(np.stack([d for _, d in per]), axis=0)
-    disagreement = np.full(head.shape, np.nan, np.float32)
+    disagreement = np.full(head.shape, OUTSIDE_HEAD, np.float32)
     disagreement[head] = stacked
     sig = Signals(len(per), len({c.backend for c, _ in per if c.backend != best.backend}),
                   float(medians.min()), min(other) if other else None, float(np.median(medians)),
@@ -208,7 +210,7 @@ def headline(trust: dict) -> str:
 
 def _where(disagreement: Image, head_centre_mm: np.ndarray) -> str:
     """Where the disagreement is largest, in words (left/right, front/back, upper/lower part of the head)."""
-    arr = np.nan_to_num(disagreement.array, nan=0.0)
+    arr = np.maximum(np.nan_to_num(disagreement.array, nan=0.0), 0.0)
     top = arr >= np.quantile(arr[arr > 0], 0.95) if (arr > 0).any() else arr > 0
     if not top.any():
         return "over the head"
@@ -246,7 +248,7 @@ def verdict(result, calibration: Calibration | None = None) -> Verdict:
     else:
         centre = grid.physical_points(np.argwhere(head)[:, ::-1].mean(0)[None])[0]
         where = _where(disagreement, centre)
-        arr = np.nan_to_num(disagreement.array, nan=0.0)
+        arr = np.maximum(np.nan_to_num(disagreement.array, nan=0.0), 0.0)
         worst = int(np.argmax(arr.reshape(arr.shape[0], -1).max(axis=1)))
         if sig.nearest_mm < 1.0:
             reason = (f"{sig.opinions} other candidate{'s' if sig.opinions > 1 else ''}; the closest agrees within "

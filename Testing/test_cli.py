@@ -65,7 +65,9 @@ def test_progress_json_emits_events_and_a_final_exit_code(pair_files, tmp_path):
     proc = run_cli(fixed, moving, "--out", tmp_path / "o", "--presets", "sitk-rigid", "--progress-json")
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert events[0]["event"] == "hello" and isinstance(events[0]["pid"], int)  # the engine's pid, first
-    assert events[1]["event"] == "start"
+    # The pose search runs before any preset starts (AutoRegisterLib/pose.py).
+    assert [e["event"] for e in events[1:4]] == ["pose", "pose", "start"]
+    assert events[1]["status"] == "start" and events[2]["status"] == "done" and events[2]["applied"] is False
     assert events[-1] == {"event": "done", "exit_code": 0, "message": None}
 
 

@@ -183,7 +183,7 @@ def test_engine_command_has_one_owner_the_cli_parser(tmp_path):
 def test_events_vocabulary():
     import threading
 
-    assert [int(c) for c in ExitCode] == [0, 2, 3, 130]
+    assert [int(c) for c in ExitCode] == [0, 2, 3, 4, 130]
     assert {s.value for s in Status} == {"pending", "ok", "failed", "timeout", "unavailable", "disqualified",
                                          "eliminated"}
     assert Status.OK == "ok" and f"{Status.FAILED:<7}|" == "failed |" and json.dumps(Status.OK) == '"ok"'
