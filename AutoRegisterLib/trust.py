@@ -35,6 +35,13 @@ LIGHTS = ("green", "amber", "red")
 OUTSIDE_HEAD = -1.0
 
 
+#: A second opinion is credible when it scored at least this share of the winner's score: one that scored far
+#: lower is more likely wrong than the winner, so its disagreement says little about the winner.
+CREDIBLE = 0.8
+#: Opinions within this many mm (median over the head) of the winner agree with it.
+AGREE_MM = 2.0
+
+
 @dataclass
 class Signals:
     """What the verdict is estimated from; every field is measured without ground truth."""
@@ -48,6 +55,10 @@ class Signals:
     score: float
     coverage: float
     margin: float  # winner's score minus the runner-up's, relative to the winner's
+    credible: int = 0  # opinions that scored at least `CREDIBLE` of the winner's score
+    credible_nearest_mm: float | None = None  # the nearest among them
+    credible_median_mm: float | None = None  # their median disagreement, median over them
+    agree: float = 0.0  # share of the opinions within `AGREE_MM` of the winner
 
     def to_dict(self) -> dict:
         """Plain-data form for result.json."""
@@ -124,9 +135,14 @@ def signals(result, head: np.ndarray | None = None, grid_mm: float = GRID_MM) ->
     stacked = np.median(np.stack([d for _, d in per]), axis=0)
     disagreement = np.full(head.shape, OUTSIDE_HEAD, np.float32)
     disagreement[head] = stacked
+    credible = [m for (c, _), m in zip(per, medians)
+                if best.score and (c.score or 0.0) >= CREDIBLE * best.score]
     sig = Signals(len(per), len({c.backend for c, _ in per if c.backend != best.backend}),
                   float(medians.min()), min(other) if other else None, float(np.median(medians)),
-                  float(np.percentile(stacked, 95)), **base)
+                  float(np.percentile(stacked, 95)), **base, credible=len(credible),
+                  credible_nearest_mm=min(credible) if credible else None,
+                  credible_median_mm=float(np.median(credible)) if credible else None,
+                  agree=float(np.mean(medians <= AGREE_MM)))
     return sig, grid.with_array(disagreement)
 
 
@@ -134,13 +150,17 @@ def signals(result, head: np.ndarray | None = None, grid_mm: float = GRID_MM) ->
 
 
 def features(sig: Signals, single: bool = False) -> np.ndarray:
-    """The model's inputs: logs of the disagreements (with a 0.1 mm floor) and the score; without a second
-    opinion (`single`), the score and coverage alone."""
+    """The model's inputs: the logs of the credible opinions' disagreements (with a 0.1 mm floor) and the
+    share that agrees; without a credible second opinion (`single`), the score and coverage alone."""
     if single:
         return np.array([1.0, sig.score, sig.coverage])
-    nearest_other = sig.nearest_other_mm if sig.nearest_other_mm is not None else sig.nearest_mm
-    return np.array([1.0, np.log(max(sig.nearest_mm, 0.1)), np.log(max(nearest_other, 0.1)),
-                     np.log(max(sig.median_mm, 0.1)), sig.score])
+    return np.array([1.0, np.log(max(sig.credible_nearest_mm, 0.1)), np.log(max(sig.credible_median_mm, 0.1)),
+                     sig.agree])
+
+
+def has_second_opinion(sig: Signals) -> bool:
+    """True when a credible second opinion exists (else the verdict rests on the score alone)."""
+    return sig.credible > 0 and sig.credible_nearest_mm is not None
 
 
 @dataclass
@@ -172,12 +192,22 @@ class Calibration:
 
     def interval(self, sig: Signals) -> tuple[float, float, float]:
         """(estimate, low, high) in mm: the 90 % interval of the winner's mean error over the head."""
-        single = sig.opinions == 0
+        single = not has_second_opinion(sig)
         x = features(sig, single)
         coef, lo, hi = ((self.single_coef, self.single_q_low, self.single_q_high) if single
                         else (self.coef, self.q_low, self.q_high))
         log_est = float(x @ np.asarray(coef))
         return float(np.exp(log_est)), float(np.exp(log_est + lo)), float(np.exp(log_est + hi))
+
+    def judge(self, sig: Signals) -> tuple[str, float, float, float]:
+        """(light, estimate, low, high): red when the estimate is above ``red_min_mm``; green when the interval
+        ends below ``green_max_mm`` and a credible second opinion exists; amber otherwise."""
+        est, low, high = self.interval(sig)
+        if est > self.red_min_mm:
+            return "red", est, low, high
+        if high <= self.green_max_mm and has_second_opinion(sig):
+            return "green", est, low, high
+        return "amber", est, low, high
 
 
 def fit(sigs: list[Signals], errors_mm: list[float], coverage: float = 0.9, **thresholds) -> Calibration:
@@ -188,10 +218,14 @@ def fit(sigs: list[Signals], errors_mm: list[float], coverage: float = 0.9, **th
     def one(rows: list[int], single: bool):
         x = np.stack([features(sigs[i], single) for i in rows])
         coef, *_ = np.linalg.lstsq(x, err[rows], rcond=None)
-        res = err[rows] - x @ coef
-        return coef.tolist(), float(np.quantile(res, q[0])), float(np.quantile(res, q[1]))
+        res = np.sort(err[rows] - x @ coef)
+        # Split-conformal order statistics: the k-th residual from each end, k = ceil((n + 1) * tail), so
+        # that a few cases do not give an interval narrower than the evidence allows.
+        k = max(1, int(np.ceil((len(res) + 1) * q[0])))
+        k = min(k, len(res))
+        return coef.tolist(), float(res[k - 1]), float(res[len(res) - k])
 
-    coef, lo, hi = one([i for i, s in enumerate(sigs) if s.opinions > 0], False)
+    coef, lo, hi = one([i for i, s in enumerate(sigs) if has_second_opinion(s)], False)
     # Without a second opinion: the score and coverage alone, fitted on every case (their intervals are wide).
     single_coef, single_lo, single_hi = one(list(range(len(sigs))), True)
     return Calibration(coef, lo, hi, single_coef, single_lo, single_hi, **thresholds)
@@ -234,26 +268,25 @@ def verdict(result, calibration: Calibration | None = None) -> Verdict:
     grid = coarsened(result.fixed, GRID_MM)
     head = head_mask(grid, result.fixed_modality)
     sig, disagreement = signals(result, head)
-    est, low, high = calibration.interval(sig)
-    if est > calibration.red_min_mm:
-        light = "red"
-    elif high <= calibration.green_max_mm and sig.opinions > 0:
-        light = "green"
-    else:
-        light = "amber"
-    worst = None
-    if disagreement is None:
-        reason = ("only one candidate passed: no second opinion, so the estimate rests on the score alone "
-                  "and its interval is wide")
-    else:
+    light, est, low, high = calibration.judge(sig)
+    worst, where = None, ""
+    if disagreement is not None:
         centre = grid.physical_points(np.argwhere(head)[:, ::-1].mean(0)[None])[0]
         where = _where(disagreement, centre)
         arr = np.maximum(np.nan_to_num(disagreement.array, nan=0.0), 0.0)
         worst = int(np.argmax(arr.reshape(arr.shape[0], -1).max(axis=1)))
-        if sig.nearest_mm < 1.0:
-            reason = (f"{sig.opinions} other candidate{'s' if sig.opinions > 1 else ''}; the closest agrees within "
-                      f"{sig.nearest_mm:.1f} mm; they differ most ({sig.p95_mm:.1f} mm) {where}")
-        else:
-            reason = (f"candidates disagree by {sig.median_mm:.1f} mm (up to {sig.p95_mm:.1f} mm {where}); "
-                      f"the closest is {sig.nearest_mm:.1f} mm away")
+    if disagreement is None:
+        reason = ("only one candidate passed: no second opinion, so the estimate rests on the score alone "
+                  "and its interval is wide")
+    elif not has_second_opinion(sig):
+        reason = (f"every other candidate scored far below the winner (none within {100 * (1 - CREDIBLE):.0f} % of "
+                  f"its score) and they disagree with it by {sig.median_mm:.1f} mm {where}: no credible second "
+                  "opinion, so the estimate rests on the score alone")
+    elif sig.credible_nearest_mm < 1.0:
+        reason = (f"{sig.credible} other candidate{'s' if sig.credible > 1 else ''} scored close to the winner; the "
+                  f"closest agrees within {sig.credible_nearest_mm:.1f} mm; they differ most "
+                  f"({sig.p95_mm:.1f} mm) {where}")
+    else:
+        reason = (f"candidates disagree by {sig.credible_median_mm:.1f} mm (up to {sig.p95_mm:.1f} mm {where}); "
+                  f"the closest is {sig.credible_nearest_mm:.1f} mm away")
     return Verdict(light, est, low, high, reason, sig, time.perf_counter() - t0, disagreement, worst)

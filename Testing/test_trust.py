@@ -54,7 +54,7 @@ def test_a_single_survivor_still_gets_a_verdict_with_a_wide_interval_and_says_wh
     result = _result(icbm4, [(Status.FAILED, "elastix", None)])
     sig, disagreement = signals(result)
     assert sig.opinions == 0 and disagreement is None
-    cal = Calibration([0.0, 0.0, 0.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0, 0.0], -1.5, 1.5)
+    cal = Calibration([0.0, 0.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0, 0.0], -1.5, 1.5)
     v = verdict(result, cal)
     assert v.light == "amber"  # never green without a second opinion
     assert "only one candidate" in v.reason
@@ -64,8 +64,8 @@ def test_a_single_survivor_still_gets_a_verdict_with_a_wide_interval_and_says_wh
 def test_lights_follow_the_calibrated_bounds(icbm4):
     agree = _result(icbm4, [(Status.OK, "elastix", 0.2), (Status.OK, "simpleitk", 0.3)])
     disagree = _result(icbm4, [(Status.OK, "elastix", 12.0), (Status.OK, "simpleitk", 30.0)])
-    # error = nearest disagreement (in mm), interval x/÷ 1.5
-    cal = Calibration([0.0, 1.0, 0.0, 0.0, 0.0], -np.log(1.5), np.log(1.5), [0.0, 0.0, 0.0], -2.0, 2.0,
+    # error = nearest credible disagreement (in mm), interval x/÷ 1.5
+    cal = Calibration([0.0, 1.0, 0.0, 0.0], -np.log(1.5), np.log(1.5), [0.0, 0.0, 0.0], -2.0, 2.0,
                       green_max_mm=1.0, red_min_mm=3.0)
     good, bad = verdict(agree, cal), verdict(disagree, cal)
     assert good.light == "green" and good.estimate_mm == pytest.approx(0.2, rel=1e-3)
@@ -74,19 +74,38 @@ def test_lights_follow_the_calibrated_bounds(icbm4):
     assert bad.to_dict()["light"] == "red" and json.dumps(bad.to_dict())
 
 
+def _signals(nearest: float, score: float = 0.5) -> Signals:
+    return Signals(2, 1, nearest, nearest, 2 * nearest, 4 * nearest, score, 1.0, 0.1, credible=2,
+                   credible_nearest_mm=nearest, credible_median_mm=2 * nearest, agree=float(nearest <= 2.0))
+
+
 def test_fit_recovers_a_log_linear_relation_and_its_spread():
     rng = np.random.default_rng(0)
     sigs, errors = [], []
     for _ in range(200):
         nearest = float(np.exp(rng.uniform(-2, 4)))
-        sigs.append(Signals(2, 1, nearest, nearest, 2 * nearest, 4 * nearest, 0.5, 1.0, 0.1))
+        sigs.append(_signals(nearest))
         errors.append(0.8 * nearest * float(np.exp(rng.normal(0, 0.2))))
     cal = fit(sigs, errors)
-    est, low, high = cal.interval(Signals(2, 1, 5.0, 5.0, 10.0, 20.0, 0.5, 1.0, 0.1))
+    est, low, high = cal.interval(_signals(5.0))
     assert est == pytest.approx(4.0, rel=0.1)
     assert low < est < high and np.log(high / low) == pytest.approx(2 * 1.645 * 0.2, rel=0.25)
     inside = np.mean([lo <= e <= hi for s, e in zip(sigs, errors) for _, lo, hi in [cal.interval(s)]])
     assert 0.85 <= inside <= 0.95
+
+
+def test_opinions_that_scored_far_below_the_winner_are_not_credible(icbm4):
+    """The winner alone found the answer and every other candidate failed with a far lower score: their
+    disagreement does not make the winner red; the verdict rests on the score, and says so."""
+    result = _result(icbm4, [(Status.OK, "elastix", 60.0), (Status.OK, "simpleitk", 80.0)])
+    for cand in result.candidates[1:]:
+        cand.score = 0.3  # against the winner's 0.8
+    sig, _ = signals(result)
+    assert sig.opinions == 2 and sig.credible == 0 and sig.agree == 0.0
+    cal = Calibration([0.0, 1.0, 0.0, 0.0], -0.5, 0.5, [np.log(1.5), 0.0, 0.0], -1.0, 1.0, 1.0, 3.0)
+    v = verdict(result, cal)
+    assert v.estimate_mm == pytest.approx(1.5) and v.light == "amber"
+    assert "no credible second opinion" in v.reason and v.disagreement is not None
 
 
 def test_where_names_the_side_of_the_head():
@@ -121,7 +140,7 @@ def test_a_red_verdict_is_written_said_and_exits_4(rigid_case4, tmp_path):
     write_image(rigid_case4.fixed, fixed)
     write_image(rigid_case4.moving, moving)
     strict = tmp_path / "strict.json"
-    shipped = Calibration([0.0, 1.0, 0.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0, 0.0], -2.0, 2.0, 1.0, red_min_mm=-1.0)
+    shipped = Calibration([0.0, 1.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0, 0.0], -2.0, 2.0, 1.0, red_min_mm=-1.0)
     shipped.save(strict)  # every estimate is above -1 mm: red
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root), AUTOREGISTER_TRUST_CALIBRATION=str(strict))

@@ -36,7 +36,15 @@ from AutoRegisterDev.data import (  # noqa: E402
 )
 from AutoRegisterLib.pipeline import auto_register  # noqa: E402
 from AutoRegisterLib.scoring import head_mask  # noqa: E402
-from AutoRegisterLib.trust import CALIBRATION_PATH, GRID_MM, Calibration, Signals, fit, signals  # noqa: E402
+from AutoRegisterLib.trust import (  # noqa: E402
+    CALIBRATION_PATH,
+    GRID_MM,
+    Calibration,
+    Signals,
+    fit,
+    has_second_opinion,
+    signals,
+)
 
 FAILURE_MM, GREEN_MAX_TRUE_MM = 3.0, 2.0
 
@@ -68,7 +76,7 @@ def cases(sp: float):
             yield (f"{mod} warp {warp:g} mm #{seed}",
                    make_case(src[mod], t1, seed, rotation_deg=5.0, translation_mm=5.0, warp_mm=warp), "T1", mod, {})
     for mod in ("T2", "T1"):
-        for noise, contrast in ((0.3, 1.0), (0.6, 0.5), (1.0, 0.3)):
+        for noise, contrast in ((0.3, 1.0), (0.6, 0.5), (1.0, 0.3), (1.5, 0.2)):
             seed += 1
             case = make_case(noisy(src[mod], seed, noise, contrast), t1, seed, rotation_deg=10.0, translation_mm=10.0)
             yield f"{mod} noise {noise:g} contrast {contrast:g} #{seed}", case, "T1", mod, {}
@@ -79,7 +87,8 @@ def cases(sp: float):
             case.region = covered_by_moving(case, head_mask(t1, "T1"))
             yield f"{mod} {thick:g} mm slab #{seed}", case, "T1", mod, {}
     for mod in ("T2", "T1"):
-        for axis, angle in ((0, 60.0), (1, 90.0), (2, 120.0), (0, 150.0), (1, 180.0), (2, 75.0)):
+        for axis, angle in ((0, 60.0), (1, 90.0), (2, 120.0), (0, 150.0), (1, 180.0), (2, 75.0), (0, 105.0),
+                            (2, 135.0)):
             seed += 1
             case, _ = rotated_case(src[mod], t1, axis, angle, seed)
             yield (f"{mod} turned {angle:g}° axis {axis}, no pose search #{seed}", case, "T1", mod,
@@ -140,9 +149,7 @@ def evaluate(records: list[dict], calibration: Calibration) -> dict:
     rows = []
     for rec in records:
         sig = Signals(**rec["signals"])
-        est, low, high = calibration.interval(sig)
-        light = ("red" if est > calibration.red_min_mm else
-                 "green" if high <= calibration.green_max_mm and sig.opinions > 0 else "amber")
+        light, est, low, high = calibration.judge(sig)
         rows.append({"case": rec["case"], "true": rec["error_mm"], "est": est, "low": low, "high": high,
                      "light": light})
     true = np.array([r["true"] for r in rows])
@@ -163,7 +170,7 @@ def thresholds(records: list[dict], calibration: Calibration) -> tuple[float, fl
     for rec in records:
         sig = Signals(**rec["signals"])
         _, _, high = calibration.interval(sig)
-        if rec["error_mm"] > GREEN_MAX_TRUE_MM and sig.opinions > 0:
+        if rec["error_mm"] > GREEN_MAX_TRUE_MM and has_second_opinion(sig):
             highs.append(high)
     green = min([GREEN_MAX_TRUE_MM] + [0.9 * h for h in highs])
     return float(green), FAILURE_MM
