@@ -27,6 +27,10 @@ from .results import MEASURES, Candidate
 from .runner import Job, Runner
 from .scoring import ScoringSettings
 
+#: The focus preset registers the focus grown by this margin: a small structure alone gives a rigid search too
+#: little to hold on to (a 25 mm ball: 45 mm off with sitk-rigid, 0.9 mm with the margin; benchmarks/rescue.py).
+FOCUS_MARGIN_MM = 20.0
+
 
 class _ScorerSetup:
     """Loads the scorer (torch, the compiled LNCC kernels), resolves the device and computes the head masks
@@ -100,8 +104,9 @@ class _Round:
                  setup: _ScorerSetup, candidates: dict[str, Candidate], progress, threads=lambda: 1,
                  moving_modality: str | None = None, masks: dict[str, Image] | None = None):
         """`threads()` says how many threads scoring may use when a result arrives. `masks` holds 0/1 float
-        images: "fixed" (on the fixed grid, given to every backend), "moving" (on the moving grid), "focus"
-        (on the fixed grid: where scores are judged, and the fixed mask of the focus preset)."""
+        images: "fixed" (on the fixed grid, given to every backend), "moving" (on the moving grid), "user fixed"
+        and "focus" (on the fixed grid: where scores are judged) and "focus registration" (the focus grown by
+        `FOCUS_MARGIN_MM`: the focus preset's fixed mask)."""
         self.fixed, self.moving, self.fixed_modality = fixed, moving, fixed_modality
         self.moving_modality = moving_modality
         self.masks = dict(masks or {})
@@ -148,14 +153,14 @@ class _Round:
         return self._written[key]
 
     def _mask_for(self, kind: str, preset: Preset, workdir: Path) -> Path | None:
-        """The file of mask `kind` ("fixed", "moving" or "focus") on `preset`'s working grid (None without it)."""
+        """The file of mask `kind` (a key of `masks`) on `preset`'s working grid (None without it)."""
         if kind not in self.masks:
             return None
         key = (kind,) + tuple(max(s, preset.grid_mm) for s in self.masks[kind].spacing_mm)
         if key not in self._written:
             mask = coarsened(self.masks[kind], preset.grid_mm)
             workdir.mkdir(parents=True, exist_ok=True)
-            path = workdir / f"mask-{kind}-{'x'.join(f'{s:g}' for s in mask.spacing_mm)}mm.mha"
+            path = workdir / f"mask-{kind.replace(' ', '-')}-{'x'.join(f'{s:g}' for s in mask.spacing_mm)}mm.mha"
             write_image(mask.with_array(_binary(mask).astype(np.uint8)), path, compress=False)
             self._written[key] = (path, path)
         return self._written[key][0]
@@ -166,7 +171,8 @@ class _Round:
         jobs = []
         for preset in presets:
             fixed_path, moving_path = self._images_for(preset, workdir)
-            fixed_mask = self._mask_for("focus" if preset.name == FOCUS_PRESET else "fixed", preset, workdir)
+            fixed_mask = self._mask_for("focus registration" if preset.name == FOCUS_PRESET else "fixed", preset,
+                                        workdir)
             moving_mask = self._mask_for("moving", preset, workdir)
             self.made += 1
             # A preset's name comes from a table: in a folder name it is one safe path component.
@@ -247,7 +253,15 @@ def race_masks(fixed: Image, moving: Image, fixed_mask: np.ndarray | None = None
         out["moving"] = as_image(moving, moving_mask)
     if focus is not None:
         out["focus"] = as_image(fixed, focus)
+        out["focus registration"] = as_image(fixed, _grown(focus, fixed.spacing_mm, FOCUS_MARGIN_MM))
     return out
+
+
+def _grown(mask: np.ndarray, spacing_mm, margin_mm: float) -> np.ndarray:
+    """`mask` grown by `margin_mm` (Euclidean, in mm)."""
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(~mask, sampling=tuple(reversed(spacing_mm))) <= margin_mm
 
 
 def ranked(cands: list[Candidate], settings: ScoringSettings) -> list[Candidate]:

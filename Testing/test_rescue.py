@@ -67,3 +67,6 @@ def test_the_backends_fixed_mask_is_where_the_moving_image_reaches(icbm4):
     both = race_masks(case.fixed, case.moving, fixed_mask=user, focus=user)
     assert np.array_equal(both["fixed"].array > 0, user & reach)
     assert np.array_equal(both["user fixed"].array > 0, user) and np.array_equal(both["focus"].array > 0, user)
+    grown = both["focus registration"].array > 0  # the focus preset's mask: the focus and 20 mm around it
+    assert (grown & user).sum() == user.sum() and grown.sum() > 2 * user.sum()
+    assert not grown[10:30, 10:40, 0].any() and grown[10:30, 10:40, 6].all()  # 4 mm voxels: 5 of them, not 6
