@@ -157,8 +157,11 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     if judge and result.best is not None and fixed_f.dimension == 3:
         from .trust import verdict
 
-        result.trust = verdict(result)
-        if result.trust.light == "red":
+        try:
+            result.trust = verdict(result)
+        except Exception as exc:  # a broken calibration must not take down a finished registration
+            result.warnings.append(f"no trust verdict: {type(exc).__name__}: {exc}")
+        if result.trust is not None and result.trust.light == "red":
             result.warnings.append(f"the trust verdict is red (estimated error {result.trust.estimate_mm:.1f} mm): "
                                    f"{result.trust.reason}; check the result before using it")
         result.wall_seconds = time.perf_counter() - wall_start

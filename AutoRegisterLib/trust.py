@@ -38,6 +38,8 @@ OUTSIDE_HEAD = -1.0
 #: A second opinion is credible when it scored at least this share of the winner's score: one that scored far
 #: lower is more likely wrong than the winner, so its disagreement says little about the winner.
 CREDIBLE = 0.8
+#: The version of `features`, recorded in a calibration fitted on them.
+FEATURES_VERSION = 2
 #: Opinions within this many mm (median over the head) of the winner agree with it.
 AGREE_MM = 2.0
 
@@ -175,7 +177,7 @@ class Calibration:
     single_q_high: float
     green_max_mm: float = 2.0
     red_min_mm: float = 3.0
-    version: int = 1
+    version: int = 2  # of `features`: a calibration fitted on other features is refused, not misread
     fitted: dict = field(default_factory=dict)  # what it was fitted on, and the command that refits it
 
     @classmethod
@@ -183,7 +185,11 @@ class Calibration:
         """Read the calibration JSON: `path`, else $AUTOREGISTER_TRUST_CALIBRATION (one refitted on a site's own
         cases), else the shipped one."""
         path = path or os.environ.get(CALIBRATION_ENV) or CALIBRATION_PATH
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        cal = cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        if cal.version != FEATURES_VERSION:
+            raise ValueError(f"{path}: a calibration of feature version {cal.version}, this library's is "
+                             f"{FEATURES_VERSION}; refit it (python benchmarks/trust.py --fit)")
+        return cal
 
     def save(self, path=CALIBRATION_PATH) -> None:
         """Write it as JSON (versioned data in the repository)."""

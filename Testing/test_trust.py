@@ -154,3 +154,21 @@ def test_a_red_verdict_is_written_said_and_exits_4(rigid_case4, tmp_path):
     assert written["trust"]["light"] == "red" and written["best"] in ("sitk-rigid", "ants-rigid")
     assert any("trust verdict is red" in w for w in written["warnings"])
     assert (out / "disagreement.nii.gz").is_file() and (out / "transform.tfm").is_file()
+
+
+def test_a_calibration_of_other_features_is_refused_and_the_result_still_returned(rigid_case4, tmp_path,
+                                                                                    monkeypatch):
+    from AutoRegisterLib.pipeline import auto_register
+    from AutoRegisterLib.trust import CALIBRATION_ENV
+
+    pytest.importorskip("torch")
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"coef": [0.0] * 5, "q_low": -1.0, "q_high": 1.0, "single_coef": [0.0] * 3,
+                               "single_q_low": -1.0, "single_q_high": 1.0, "version": 1}))
+    with pytest.raises(ValueError, match="feature version 1"):
+        Calibration.load(old)
+    monkeypatch.setenv(CALIBRATION_ENV, str(old))
+    result = auto_register(rigid_case4.fixed, rigid_case4.moving, fixed_modality="T1", moving_modality="T2",
+                           presets=["sitk-rigid"], pose_search=False)
+    assert result.best is not None and result.trust is None
+    assert any(w.startswith("no trust verdict: ValueError") and "refit" in w for w in result.warnings)
