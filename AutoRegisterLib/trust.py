@@ -39,7 +39,7 @@ OUTSIDE_HEAD = -1.0
 #: lower is more likely wrong than the winner, so its disagreement says little about the winner.
 CREDIBLE = 0.8
 #: The version of `features`, recorded in a calibration fitted on them.
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 #: Opinions within this many mm (median over the head) of the winner agree with it.
 AGREE_MM = 2.0
 
@@ -153,9 +153,10 @@ def signals(result, head: np.ndarray | None = None, grid_mm: float = GRID_MM) ->
 
 def features(sig: Signals, single: bool = False) -> np.ndarray:
     """The model's inputs: the logs of the credible opinions' disagreements (with a 0.1 mm floor) and the
-    share that agrees; without a credible second opinion (`single`), the score and coverage alone."""
+    share that agrees; without a credible second opinion (`single`), the score alone."""
     if single:
-        return np.array([1.0, sig.score, sig.coverage])
+        # Coverage is 1 in almost every case, so a coefficient fitted on it only extrapolates.
+        return np.array([1.0, sig.score])
     return np.array([1.0, np.log(max(sig.credible_nearest_mm, 0.1)), np.log(max(sig.credible_median_mm, 0.1)),
                      sig.agree])
 
@@ -177,7 +178,7 @@ class Calibration:
     single_q_high: float
     green_max_mm: float = 2.0
     red_min_mm: float = 3.0
-    version: int = 2  # of `features`: a calibration fitted on other features is refused, not misread
+    version: int = 3  # of `features`: a calibration fitted on other features is refused, not misread
     fitted: dict = field(default_factory=dict)  # what it was fitted on, and the command that refits it
 
     @classmethod

@@ -583,7 +583,7 @@ def test_the_engines_red_verdict_reaches_the_console_and_nothing_is_applied(slic
     from AutoRegisterLib.trust import GRID_MM, Calibration
 
     strict = tmp_path / "strict.json"
-    Calibration([0.0, 1.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0, 0.0], -2.0, 2.0, red_min_mm=-1.0).save(strict)
+    Calibration([0.0, 1.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0], -2.0, 2.0, red_min_mm=-1.0).save(strict)
     monkeypatch.setenv("AUTOREGISTER_TRUST_CALIBRATION", str(strict))
     fixed_image, truth, scene, fixed, moving = case_nodes
     logic = slicer_module.AutoRegisterLogic(scene=scene)

@@ -54,7 +54,7 @@ def test_a_single_survivor_still_gets_a_verdict_with_a_wide_interval_and_says_wh
     result = _result(icbm4, [(Status.FAILED, "elastix", None)])
     sig, disagreement = signals(result)
     assert sig.opinions == 0 and disagreement is None
-    cal = Calibration([0.0, 0.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0, 0.0], -1.5, 1.5)
+    cal = Calibration([0.0, 0.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0], -1.5, 1.5)
     v = verdict(result, cal)
     assert v.light == "amber"  # never green without a second opinion
     assert "only one candidate" in v.reason
@@ -65,7 +65,7 @@ def test_lights_follow_the_calibrated_bounds(icbm4):
     agree = _result(icbm4, [(Status.OK, "elastix", 0.2), (Status.OK, "simpleitk", 0.3)])
     disagree = _result(icbm4, [(Status.OK, "elastix", 12.0), (Status.OK, "simpleitk", 30.0)])
     # error = nearest credible disagreement (in mm), interval x/÷ 1.5
-    cal = Calibration([0.0, 1.0, 0.0, 0.0], -np.log(1.5), np.log(1.5), [0.0, 0.0, 0.0], -2.0, 2.0,
+    cal = Calibration([0.0, 1.0, 0.0, 0.0], -np.log(1.5), np.log(1.5), [0.0, 0.0], -2.0, 2.0,
                       green_max_mm=1.0, red_min_mm=3.0)
     good, bad = verdict(agree, cal), verdict(disagree, cal)
     assert good.light == "green" and good.estimate_mm == pytest.approx(0.2, rel=1e-3)
@@ -102,7 +102,7 @@ def test_opinions_that_scored_far_below_the_winner_are_not_credible(icbm4):
         cand.score = 0.3  # against the winner's 0.8
     sig, _ = signals(result)
     assert sig.opinions == 2 and sig.credible == 0 and sig.agree == 0.0
-    cal = Calibration([0.0, 1.0, 0.0, 0.0], -0.5, 0.5, [np.log(1.5), 0.0, 0.0], -1.0, 1.0, 1.0, 3.0)
+    cal = Calibration([0.0, 1.0, 0.0, 0.0], -0.5, 0.5, [np.log(1.5), 0.0], -1.0, 1.0, 1.0, 3.0)
     v = verdict(result, cal)
     assert v.estimate_mm == pytest.approx(1.5) and v.light == "amber"
     assert "no credible second opinion" in v.reason and v.disagreement is not None
@@ -140,7 +140,7 @@ def test_a_red_verdict_is_written_said_and_exits_4(rigid_case4, tmp_path):
     write_image(rigid_case4.fixed, fixed)
     write_image(rigid_case4.moving, moving)
     strict = tmp_path / "strict.json"
-    shipped = Calibration([0.0, 1.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0, 0.0], -2.0, 2.0, 1.0, red_min_mm=-1.0)
+    shipped = Calibration([0.0, 1.0, 0.0, 0.0], -0.5, 0.5, [0.0, 0.0], -2.0, 2.0, 1.0, red_min_mm=-1.0)
     shipped.save(strict)  # every estimate is above -1 mm: red
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root), AUTOREGISTER_TRUST_CALIBRATION=str(strict))
