@@ -425,7 +425,8 @@ def coarsened(image: Image, spacing_mm) -> Image:
     # The same physical extent: the first voxel's outer face stays where it was.
     origin = np.asarray(image.origin_mm) + image.direction @ ((new - old) / 2.0)
     img = to_sitk(image, np.float32)
-    for axis in np.flatnonzero(new > old * (1 + 1e-6)):
+    # An axis of fewer than 4 voxels cannot be smoothed by ITK's recursive Gaussian (nor needs it: a single slice).
+    for axis in np.flatnonzero((new > old * (1 + 1e-6)) & (np.asarray(image.size) >= 4)):
         # The Gaussian that takes the old voxel's blur to about half the new voxel (sigma in mm).
         img = sitk.RecursiveGaussian(img, float(0.5 * np.sqrt(new[axis] ** 2 - old[axis] ** 2)), direction=int(axis))
     grid = Image(np.zeros(tuple(reversed(size.tolist())), np.uint8), tuple(new), tuple(origin), image.direction)

@@ -16,7 +16,7 @@ from .events import Status, is_cancelled
 from .image import Image, as_image, covering_grid, prepare_input
 from .masks import load_user_masks
 from .modality import modality_or_guess
-from .pose import PoseSettings, posed, search_pose, with_pose
+from .pose import Pose, PoseSettings, posed, search_pose, with_pose
 from .presets import Table, table_from_presets, with_focus_preset
 from .presets import resolve_table as presets_resolve_table
 from .race import effective_schedule, race_masks, ranked, run_race
@@ -118,8 +118,14 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
     if pose_search is not False and fixed_f.dimension == 3:
         progress_cb = progress or (lambda event: None)
         progress_cb({"event": "pose", "status": "start"})
-        pose = search_pose(fixed_f, moving_f, fixed_modality, moving_modality,
-                           pose_search if isinstance(pose_search, PoseSettings) else None, cancel=cancel)
+        try:
+            pose = search_pose(fixed_f, moving_f, fixed_modality, moving_modality,
+                               pose_search if isinstance(pose_search, PoseSettings) else None, cancel=cancel)
+        except Cancelled:
+            raise
+        except Exception as exc:  # the presets can still start from the header: say so, do not stop
+            pose = Pose(None, "header", 0.0, "", 0.0, 0.0, 0.0, None, 0.0,
+                        [f"the pose search failed ({type(exc).__name__}: {exc}); the presets started from the header"])
         progress_cb({"event": "pose", "status": "done", "applied": pose.transform is not None,
                      "seconds": pose.seconds})
     race_moving = posed(moving_f, pose.transform) if pose is not None and pose.transform is not None else moving_f

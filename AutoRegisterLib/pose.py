@@ -31,6 +31,8 @@ import numpy as np
 from .events import is_cancelled
 from .image import Image, coarsened, resample_to_grid, to_sitk
 
+#: Fewer foreground voxels than this on the pose grid (either image) and the search is skipped.
+MIN_VOXELS = 64
 #: Anatomical names of the LPS axes, for messages.
 AXIS_NAMES = ("left-right", "front-back", "vertical")
 
@@ -278,6 +280,9 @@ def search_pose(fixed: Image, moving: Image, fixed_modality: str | None = None, 
     head = head_mask(f, fixed_modality)
     moving_fg = head_mask(m, moving_modality)
     loader.join()
+    if min(f.size + m.size) < 4 or min(int(head.sum()), int(moving_fg.sum())) < MIN_VOXELS:
+        # Too small on the pose grid for centres, axes or a local score to mean anything: the header stands.
+        return Pose(None, "header", 0.0, "", 0.0, 0.0, 0.0, None, time.perf_counter() - t0)
     score = _Scorer(f, head, settings.window_voxels)
     multimodal = (fixed_modality or "") != (moving_modality or "")
     refined, header_score = _search(f, m, head, moving_fg, score, settings, multimodal, cancel, settings.refine)
@@ -300,7 +305,8 @@ def search_pose(fixed: Image, moving: Image, fixed_modality: str | None = None, 
     applied = far and best_score > header_score * (1.0 + settings.margin)
     warnings = []
     if applied and angle >= settings.warn_angle_deg:
-        warnings.append(f"the moving image looks rotated {angle:.0f}° about the {axis_name(axis)} axis "
+        # ASCII only: the command line prints warnings, and a terminal may not be UTF-8.
+        warnings.append(f"the moving image looks rotated {angle:.0f} degrees about the {axis_name(axis)} axis "
                         f"(relative to its header); the presets started from that pose")
     if mirror_score > max(best_score, header_score) * (1.0 + settings.mirror_margin):
         warnings.append("the moving image looks left-right mirrored: check its header "

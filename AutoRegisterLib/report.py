@@ -191,7 +191,8 @@ def format_table(result, extra: dict[str, dict] | None = None) -> str:
     lines.append(f"best: {result.best.name if result.best else 'none'}   wall time {result.wall_seconds:.1f} s")
     pose = getattr(result, "pose", None) or {}
     if pose:
-        start = (f"{pose['source']}, {pose['angle_deg']:.0f}° about the {pose['axis']} axis, {pose['shift_mm']:.0f} mm"
+        start = (f"{pose['source']}, {pose['angle_deg']:.0f} degrees about the {pose['axis']} axis, "
+                 f"{pose['shift_mm']:.0f} mm"
                  if pose.get("applied") else "the header")
         lines.append(f"start: {start}   (pose search {pose.get('seconds', 0.0):.1f} s)")
     return "\n".join(lines)

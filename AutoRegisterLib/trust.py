@@ -6,9 +6,12 @@ and the disagreement map shows where. The signals (`signals`) are mapped to an e
 mean error over the head, with a 90 % interval, by a calibration fitted on cases with ground truth
 (``benchmarks/trust.py``; the fit is versioned data in ``resources/trust/calibration.json``). The light:
 
-* green: the interval's upper end is below ``green_max_mm`` (calibrated so no green case was above 2 mm);
-* red: the estimate is above ``red_min_mm`` (a true error above 3 mm is likely); never applied silently;
-* amber: anything between, and any verdict whose signals are missing.
+* green: the interval's upper end is at most ``green_max_mm`` (calibrated so no green case was above 2 mm)
+  and a credible second opinion (one that scored at least `CREDIBLE` of the winner's score) exists;
+* red: the estimate is above ``red_min_mm`` (a true error above 3 mm is likely) and rests on a credible
+  second opinion; never applied silently;
+* amber: anything between, and every verdict without a credible second opinion (it rests on the score, which
+  neither clears nor condemns a result).
 
 Candidates that failed or were disqualified never enter the disagreement; candidates eliminated in a
 coarse round enter with their coarse transform (a second opinion at millimetre scale).
@@ -207,12 +210,16 @@ class Calibration:
         return float(np.exp(log_est)), float(np.exp(log_est + lo)), float(np.exp(log_est + hi))
 
     def judge(self, sig: Signals) -> tuple[str, float, float, float]:
-        """(light, estimate, low, high): red when the estimate is above ``red_min_mm``; green when the interval
-        ends below ``green_max_mm`` and a credible second opinion exists; amber otherwise."""
+        """(light, estimate, low, high): without a credible second opinion, amber; else red when the estimate is
+        above ``red_min_mm``, green when the interval ends at or below ``green_max_mm``, amber otherwise."""
         est, low, high = self.interval(sig)
+        if not has_second_opinion(sig):
+            # The score alone is no measure of accuracy (it depends on the modalities and the images): it
+            # neither clears nor condemns a result; the interval and the reason say how little is known.
+            return "amber", est, low, high
         if est > self.red_min_mm:
             return "red", est, low, high
-        if high <= self.green_max_mm and has_second_opinion(sig):
+        if high <= self.green_max_mm:
             return "green", est, low, high
         return "amber", est, low, high
 
@@ -241,12 +248,12 @@ def fit(sigs: list[Signals], errors_mm: list[float], coverage: float = 0.9, **th
 # --- the verdict ----------------------------------------------------------------------------------------
 
 def headline(trust: dict) -> str:
-    """A verdict read back from result.json in one line: "GREEN: estimated error 0.6 mm (90 %: 0.3–1.1 mm)"
+    """A verdict read back from result.json in one line: "GREEN: estimated error 0.6 mm (90 %: 0.3-1.1 mm)"
     ("" when there is none)."""
     if not trust or not trust.get("light"):
         return ""
     return (f"{str(trust['light']).upper()}: estimated error {float(trust['estimate_mm']):.1f} mm "
-            f"(90 %: {float(trust['low_mm']):.1f}–{float(trust['high_mm']):.1f} mm)")
+            f"(90 %: {float(trust['low_mm']):.1f}-{float(trust['high_mm']):.1f} mm)")
 
 
 def _where(disagreement: Image, head_centre_mm: np.ndarray) -> str:

@@ -258,7 +258,7 @@ def test_module_starts_no_thread_and_the_engine_client_cannot_touch_mrml():
     """MRML and VTK are not thread-safe; Slicer's own pattern (and SlicerMONAIAuto3DSeg's, process.py) is a
     reader thread that only fills a queue, drained by a QTimer on the main thread. The reader thread lives
     in the Slicer-free engine client, which imports neither slicer, vtk nor the library's MRML code."""
-    module_roots = {a.name.split(".")[0] for n in ast.walk(ast.parse(SCRIPT.read_text()))
+    module_roots = {a.name.split(".")[0] for n in ast.walk(ast.parse(SCRIPT.read_text(encoding="utf-8")))
                     if isinstance(n, ast.Import) for a in n.names}
     assert "threading" not in module_roots and "_thread" not in module_roots
     client = ROOT / "AutoRegisterLib" / "engine.py"

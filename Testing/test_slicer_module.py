@@ -35,7 +35,7 @@ TOOLKITS = {"torch", "ants", "antspyx", "itk", "itk_elastix", "cupy", "numba", "
 
 
 def module_tree() -> ast.Module:
-    return ast.parse(SCRIPT.read_text(), filename=str(SCRIPT))
+    return ast.parse(SCRIPT.read_text(encoding="utf-8"), filename=str(SCRIPT))
 
 
 def imported_roots(nodes) -> set[str]:
@@ -434,7 +434,7 @@ def test_a_red_result_is_applied_only_when_the_user_says_yes(slicer_module, case
     assert run.engine.exit_code == 4 and len(ask.questions) == 1
     title, text = ask.questions[0]
     assert title == "AutoRegister: check this result"
-    assert "sitk-rigid is RED: estimated error 6.1 mm (90 %: 3.5–11.0 mm); candidates disagree by 6.1 mm" in text
+    assert "sitk-rigid is RED: estimated error 6.1 mm (90 %: 3.5-11.0 mm); candidates disagree by 6.1 mm" in text
     assert "'AutoRegister test moving disagreement (mm)' shows where" in text
     assert text.endswith("Apply sitk-rigid to 'AutoRegister test moving' anyway?")
     assert not result.applied and result.transformNode is None and moving.GetParentTransformNode() is None
@@ -442,7 +442,7 @@ def test_a_red_result_is_applied_only_when_the_user_says_yes(slicer_module, case
     assert "NOT applied" in result.message and "select sitk-rigid in Results" in result.message
     # What a console user reads: the light, the words and every number.
     assert result.light == "red" and result.untrusted and result.trust["high_mm"] == 11.0
-    assert result.verdict.startswith("RED: estimated error 6.1 mm (90 %: 3.5–11.0 mm); candidates disagree")
+    assert result.verdict.startswith("RED: estimated error 6.1 mm (90 %: 3.5-11.0 mm); candidates disagree")
     assert result.disagreementNode is not None
 
     ask.answer = True

@@ -368,7 +368,7 @@ def test_the_verdict_shows_under_register_in_its_colour_and_goes_when_the_next_r
     _layers(monkeypatch, log)
     _end_run(widget, tmp_path / "green", image, truth, fixed, moving, "green")
     assert dialogs == [] and "asked" not in log
-    assert label.visible and label.text == "● GREEN: estimated error 0.6 mm (90 %: 0.3–1.1 mm)"
+    assert label.visible and label.text == "● GREEN: estimated error 0.6 mm (90 %: 0.3-1.1 mm)"
     assert AutoRegister.TRUST_COLOURS["green"] in label.styleSheet
     assert reason.visible and reason.text.startswith("1 other candidate; the closest agrees within 0.4 mm")
     assert moving.GetParentTransformNode() is widget._result.transformNode and log[-1] is moving
@@ -401,7 +401,7 @@ def test_a_red_winner_waits_for_the_users_yes_and_its_row_applies_it_later(panel
     assert moving.GetParentTransformNode() is None and not result.applied
     status = widget.ui.statusLabel.text
     assert "NOT applied" in status and "trust verdict is red" in status
-    assert widget.ui.trustLabel.text.startswith("● RED: estimated error 6.1 mm (90 %: 3.5–11.0 mm)")
+    assert widget.ui.trustLabel.text.startswith("● RED: estimated error 6.1 mm (90 %: 3.5-11.0 mm)")
     assert AutoRegister.TRUST_COLOURS["red"] in widget.ui.trustLabel.styleSheet
     assert "left back part of the head" in widget.ui.trustReasonLabel.text
     assert widget.ui.resultsTable.selected == []

@@ -122,7 +122,7 @@ def test_a_verdict_read_back_from_result_json_says_its_light_and_interval_in_one
     """The words the CLI and the Slicer panel show, from result.json's "trust" (none: nothing to say)."""
     sig = Signals(1, 1, 0.4, 0.4, 0.4, 0.9, 0.9, 1.0, 0.1)
     written = json.loads(json.dumps(Verdict("green", 0.62, 0.31, 1.08, "they agree", sig).to_dict()))
-    assert headline(written) == "GREEN: estimated error 0.6 mm (90 %: 0.3–1.1 mm)"
+    assert headline(written) == "GREEN: estimated error 0.6 mm (90 %: 0.3-1.1 mm)"
     assert headline({}) == "" and headline(None) == ""
 
 
