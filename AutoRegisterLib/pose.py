@@ -22,7 +22,6 @@ reflection is reported, never applied.
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -165,28 +164,55 @@ def _centre_and_axes(image: Image, mask: np.ndarray) -> tuple[np.ndarray, np.nda
     return centre, v[:, np.argsort(w)[::-1]]
 
 
+#: `similarity.FLAT_VARIANCE`, repeated so that the pose search never imports torch (a test keeps them equal).
+FLAT_VARIANCE = 1e-6
+
+
+def lncc_squared(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, window: int) -> float:
+    """The scorer's LNCC² (`similarity.lncc` with a mask, "valid" windows, mean over the mask) in float64 with
+    SciPy box filters: on the pose grid it takes milliseconds and needs no torch, whose import (1-3 s in a
+    new process) then stays where the race hides it, beside the workers."""
+    from scipy.ndimage import uniform_filter
+
+    inside = np.asarray(mask, bool)
+    w = inside.astype(np.float64)
+
+    def standardized(x):
+        x = np.asarray(x, np.float64)
+        mean, std = x[inside].mean(), x[inside].std()
+        return (x - mean) / (std if std > 0 else 1.0) * w
+
+    f, m = standardized(fixed), standardized(moving)
+    volume = float(window) ** f.ndim
+
+    def box(x):
+        return uniform_filter(x, size=window, mode="constant", cval=0.0) * volume
+
+    n = box(w)
+    n_safe = np.where(n > 0, n, 1.0)
+    sf, sm = box(f), box(m)
+    cross = box(f * m) - sf * sm / n_safe
+    vf = box(f * f) - sf * sf / n_safe
+    vm = box(m * m) - sm * sm / n_safe
+    ok = inside & (vf > FLAT_VARIANCE * n) & (vm > FLAT_VARIANCE * n)
+    cc = np.clip(np.where(ok, cross ** 2 / np.where(ok, vf * vm, 1.0), 0.0), 0.0, 1.0)
+    return float(cc[inside].mean()) if inside.any() else 0.0
+
+
 class _Scorer:
     """LNCC² over (valid ∩ head) × head coverage of a pose, on the pose grid."""
 
     def __init__(self, fixed: Image, head: np.ndarray, window: int):
-        import torch
-
         self.fixed, self.head, self.window = fixed, head, window
-        self.f = torch.from_numpy(np.ascontiguousarray(fixed.array, dtype=np.float32))
+        self.f = np.asarray(fixed.array, np.float64)
         self.head_voxels = max(1, int(head.sum()))
 
     def __call__(self, moving: Image, transform) -> float:
-        import torch
-
-        from .similarity import lncc
-
         warped = resample_to_grid(moving, self.fixed, transform, "linear", float("nan")).array
         valid = np.isfinite(warped) & self.head
         if valid.sum() < 27:
             return 0.0
-        m = torch.from_numpy(np.where(valid, warped, 0.0).astype(np.float32))
-        mask = torch.from_numpy(valid.astype(np.float32))
-        similarity = float(lncc(self.f, m, window=self.window, mask=mask, reduction="mean"))
+        similarity = lncc_squared(self.f, np.where(valid, warped, 0.0), valid, self.window)
         return similarity * float(valid.sum()) / self.head_voxels
 
 
@@ -268,18 +294,14 @@ def search_pose(fixed: Image, moving: Image, fixed_modality: str | None = None, 
                 settings: PoseSettings | None = None, cancel=None) -> Pose:
     """Race starting poses on the `grid_mm` grid and return the one the presets should start from (the header
     unless a far pose scores clearly better), with warnings for far poses and mirrored-looking images."""
-    from .scoring import head_mask, warm_up
+    from .scoring import head_mask
 
     settings = settings or PoseSettings()
     t0 = time.perf_counter()
-    # torch and the kernels load while the images are coarsened (SimpleITK releases the GIL).
-    loader = threading.Thread(target=warm_up, args=("cpu",), daemon=True)
-    loader.start()
     f = coarsened(fixed, settings.grid_mm)
     m = coarsened(moving, settings.grid_mm)
     head = head_mask(f, fixed_modality)
     moving_fg = head_mask(m, moving_modality)
-    loader.join()
     if min(f.size + m.size) < 4 or min(int(head.sum()), int(moving_fg.sum())) < MIN_VOXELS:
         # Too small on the pose grid for centres, axes or a local score to mean anything: the header stands.
         return Pose(None, "header", 0.0, "", 0.0, 0.0, 0.0, None, time.perf_counter() - t0)

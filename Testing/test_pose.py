@@ -127,3 +127,26 @@ def test_a_mirror_image_is_reported_never_applied(icbm4):
         assert np.linalg.det(linear_map(found.transform)[0]) > 0  # a proper rotation, never a reflection
     same = search_pose(fixed, fixed, "T1", "T1")
     assert not any("mirrored" in w for w in same.warnings)
+
+
+def test_the_pose_score_is_the_scorers_lncc_squared():
+    """The pose search's float64 SciPy LNCC² (no torch) equals `similarity.lncc` on the same masked inputs."""
+    from scipy.ndimage import gaussian_filter
+
+    from AutoRegisterLib.pose import FLAT_VARIANCE, lncc_squared
+    from AutoRegisterLib.similarity import FLAT_VARIANCE as SCORER_FLAT_VARIANCE
+    from AutoRegisterLib.similarity import lncc
+
+    assert FLAT_VARIANCE == SCORER_FLAT_VARIANCE
+    rng = np.random.default_rng(3)
+    f = gaussian_filter(rng.normal(size=(18, 20, 22)), 1.5) * 300.0 + 1000.0
+    m = 0.7 * f + gaussian_filter(rng.normal(size=f.shape), 1.0) * 40.0
+    mask = np.zeros(f.shape, bool)
+    mask[2:16, 3:18, 1:20] = True
+    mask[5:8, 5:8, 5:8] = False
+    for window in (3, 5):
+        ours = lncc_squared(f, np.where(mask, m, 0.0), mask, window)
+        theirs = float(lncc(f.astype(np.float32), np.where(mask, m, 0.0).astype(np.float32), window=window,
+                            mask=mask.astype(np.float32), reduction="mean"))
+        assert ours == pytest.approx(theirs, abs=2e-4)
+        assert 0.2 < ours < 1.0
