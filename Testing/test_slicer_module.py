@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scene_helpers import segmentation_of_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE_DIR = ROOT / "AutoRegister"
@@ -327,25 +328,6 @@ def test_preset_overrides_and_scoring_window_reach_the_engines_table(slicer_modu
 
 # --- masks and the focus (issue #13) -----------------------------------------------------------------
 
-def _segment_block(slicer, scene, volume, block, names=("Liver",)):
-    """A segmentation node with one segment per name, each `block` of `volume`'s grid shifted by 2 voxels in x."""
-    from AutoRegisterLib import mrml
-
-    reference = mrml.image_from_volume_node(volume)
-    segmentation = scene.AddNode(slicer.vtkMRMLSegmentationNode())
-    for i, name in enumerate(names):
-        labels = np.zeros(reference.array.shape, np.uint8)
-        z, y, x = block
-        labels[z, y, slice(x.start + 2 * i, x.stop + 2 * i)] = 1
-        labelmap = mrml.volume_node_from_image(reference.with_array(labels), scene, name,
-                                               node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
-        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation, "")
-        content = segmentation.GetSegmentation()
-        content.GetSegment(content.GetNthSegmentID(i)).SetName(name)
-        scene.RemoveNode(labelmap)
-    return segmentation
-
-
 def test_masks_and_the_focus_reach_the_engine_as_files_on_their_volumes_grids(slicer_module, case_nodes,
                                                                               slicer_segmentations):
     """A segment is exported on the fixed volume's grid (world), a labelmap in the moving volume's frame, an ROI
@@ -355,7 +337,7 @@ def test_masks_and_the_focus_reach_the_engine_as_files_on_their_volumes_grids(sl
 
     slicer = slicer_segmentations
     fixed_image, truth, scene, fixed, moving = case_nodes
-    segmentation = _segment_block(slicer, scene, fixed, np.s_[10:20, 8:22, 9:23])
+    segmentation = segmentation_of_blocks(slicer, scene, fixed, np.s_[10:20, 8:22, 9:23])
     segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
     moving_image = mrml.image_from_volume_node(moving)
     labels = (moving_image.array > np.percentile(moving_image.array, 50)).astype(np.uint8)

@@ -11,7 +11,9 @@ import contextlib
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scene_helpers import segmentation_of_blocks
 
 UI_FILE = Path(__file__).resolve().parent.parent / "AutoRegister" / "Resources" / "UI" / "AutoRegister.ui"
 
@@ -206,33 +208,13 @@ def test_closing_the_scene_cancels_a_run(panel):
 
 # --- masks and the focus (issue #13) -----------------------------------------------------------------
 
-def _segmentation(slicer, scene, volume, names):
-    """A segmentation node with one small segment per name on `volume`'s grid."""
-    import numpy as np
-
-    from AutoRegisterLib import mrml
-
-    reference = mrml.image_from_volume_node(volume)
-    segmentation = scene.AddNode(slicer.vtkMRMLSegmentationNode())
-    for i, name in enumerate(names):
-        labels = np.zeros(reference.array.shape, np.uint8)
-        labels[10:20, 10:20, 6 + 4 * i:10 + 4 * i] = 1
-        labelmap = mrml.volume_node_from_image(reference.with_array(labels), scene, name,
-                                               node=scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode()))
-        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation, "")
-        content = segmentation.GetSegmentation()
-        content.GetSegment(content.GetNthSegmentID(i)).SetName(name)
-        scene.RemoveNode(labelmap)
-    return segmentation
-
-
 def test_a_segmentation_mask_shows_its_segment_selector_and_keeps_the_chosen_segment(panel, slicer_segmentations):
     """The segment selector (qMRMLSegmentSelectorWidget) appears for a segmentation only; the segment the user picks
     is the parameter node's and survives a re-sync and a detour through a labelmap."""
     widget, fixed, moving, dialogs, _, _ = panel
     slicer = slicer_segmentations
     scene = slicer.mrmlScene
-    organs = _segmentation(slicer, scene, fixed, ["Liver", "Tumour"])
+    organs = segmentation_of_blocks(slicer, scene, fixed, np.s_[10:20, 10:20, 6:10], ["Liver", "Tumour"], step=4)
     liver, tumour = (organs.GetSegmentation().GetNthSegmentID(i) for i in range(2))
     p, selector = widget._parameterNode, widget.ui.fixedMaskSegmentSelector
     assert not selector.visible and p.fixedMask is None
@@ -268,7 +250,7 @@ def test_register_passes_the_chosen_masks_and_focus_to_the_engine(panel, slicer_
     widget, fixed, moving, dialogs, _, _ = panel
     slicer = slicer_segmentations
     scene = slicer.mrmlScene
-    organs = _segmentation(slicer, scene, fixed, ["Liver", "Tumour"])
+    organs = segmentation_of_blocks(slicer, scene, fixed, np.s_[10:20, 10:20, 6:10], ["Liver", "Tumour"], step=4)
     roi = scene.AddNode(slicer.vtkMRMLMarkupsROINode())
     roi.SetSize(40.0, 40.0, 40.0)
     _pick(widget, fixed, moving)
