@@ -91,6 +91,7 @@ def auto_register(fixed, moving, *, fixed_modality: str | None = None, moving_mo
         raise InputError(f"fixed is {fixed_img.dimension}D but moving is {moving_img.dimension}D")
     fixed_modality, moving_modality, chosen = resolve_table(
         fixed_img, moving_img, fixed_modality, moving_modality, table, presets)
+    chosen = chosen.for_input(fixed_img.spacing_mm)
     ncores = os.cpu_count() or 1
     fixed_f = prepare_input(fixed_img, "fixed")
     moving_f = prepare_input(moving_img, "moving")

@@ -105,6 +105,12 @@ class Table:
         racing = self.racing.without(names) if self.racing is not None else None
         return replace(self, presets=tuple(p for p in self.presets if p.name not in names), racing=racing)
 
+    def for_input(self, fixed_spacing_mm) -> Table:
+        """The table as it races on a fixed image with these voxel sizes: presets limited to other inputs
+        (`Preset.max_input_mm`, `min_input_mm`) are left out, unless that would leave none."""
+        unsuited = [p.name for p in self.presets if not p.suits(fixed_spacing_mm)]
+        return self.without(unsuited) if unsuited and len(unsuited) < len(self.presets) else self
+
     def with_overrides(self, disabled=(), window_voxels: int | None = None) -> Table:
         """The table with a user's switches applied: the `disabled` presets off, another scoring window."""
         table = self.without(disabled) if disabled else self
@@ -162,7 +168,30 @@ def parse_preset(entry, path, where: str) -> Preset:
     grid = entry.get("grid_mm", 0.0)
     _require(_is_number(grid) and 0 <= grid <= 20, path, f"{where}.grid_mm",
              f"must be a number of mm in [0, 20] (0: the input's grid), got {grid!r}")
-    return Preset(entry["name"], entry["backend"], entry["transform_type"], dict(params), float(grid))
+    return Preset(entry["name"], entry["backend"], entry["transform_type"], dict(params), float(grid),
+                  **_input_limits(entry, path, where))
+
+
+#: The conditions a table may put on a preset: it races only on inputs this fine or this coarse.
+INPUT_LIMITS = ("max_input_mm", "min_input_mm")
+
+
+def _input_limits(entry: dict, path, where: str) -> dict:
+    out = {}
+    for key in INPUT_LIMITS:
+        limit = entry.get(key, 0.0)
+        _require(_is_number(limit) and 0 <= limit <= 20, path, f"{where}.{key}",
+                 f"must be a number of mm in [0, 20] (0: no limit), got {limit!r}")
+        out[key] = float(limit)
+    return out
+
+
+def _catalog_entry(entry: dict, catalog: dict[str, Preset], path, where: str) -> Preset:
+    """A table entry naming a catalog preset with conditions: {"name": ..., "max_input_mm": ...}."""
+    extra = sorted(set(entry) - {"name", *INPUT_LIMITS})
+    _require(not extra, path, where, f"names catalog preset {entry['name']!r} and may add only "
+             f"{' or '.join(INPUT_LIMITS)}, not {', '.join(extra)}")
+    return replace(catalog[entry["name"]], **_input_limits(entry, path, where))
 
 
 def _is_number(v) -> bool:
@@ -206,6 +235,9 @@ def _parse_scoring(raw, path) -> ScoringSettings:
     p = s.complexity_penalty
     _require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 0.25, path,
              "scoring.complexity_penalty", f"must be a number in [0, 0.25] (a fraction per level), got {p!r}")
+    b = s.max_bending
+    _require(_is_number(b) and b >= 0, path, "scoring.max_bending",
+             f"must be a number >= 0 (mm^-2; 0: no limit), got {b!r}")
     for name in ("coverage_weight", "mi_vote"):
         _require(isinstance(getattr(s, name), bool), path, f"scoring.{name}", "must be true or false")
     return s
@@ -255,6 +287,8 @@ def load_table(path, catalog: dict[str, Preset] | None = None) -> Table:
             _require(entry in catalog, path, f"presets[{i}]",
                      f"names unknown preset {entry!r} (known: {', '.join(sorted(catalog))})")
             presets.append(catalog[entry])
+        elif isinstance(entry, dict) and "backend" not in entry and entry.get("name") in catalog:
+            presets.append(_catalog_entry(entry, catalog, path, f"presets[{i}]"))
         else:
             presets.append(parse_preset(entry, path, f"presets[{i}]"))
     names = [p.name for p in presets]

@@ -22,7 +22,7 @@ RESULT_MARKER, REPORT_PNG, WARPED_IMAGE = "result.json", "report.png", "warped.n
 #: Where the candidates disagree with the winner (mm, on a coarse fixed grid): the trust verdict's map.
 DISAGREEMENT_IMAGE = "disagreement.nii.gz"
 #: The measures a candidate carries, in result.json's order.
-MEASURES = ("score", "lncc", "zncc", "zncc_local", "mi", "coverage", "folding_fraction", "min_jacobian")
+MEASURES = ("score", "lncc", "zncc", "zncc_local", "mi", "coverage", "folding_fraction", "min_jacobian", "bending")
 #: The modules whose versions result.json records, when the run loaded them.
 VERSIONED_MODULES = ("numpy", "SimpleITK", "torch", "ants", "itk")
 
@@ -43,6 +43,8 @@ class Candidate:
     coverage: float | None = None
     folding_fraction: float | None = None
     min_jacobian: float | None = None
+    #: Mean bending energy of the field over the head, mm^-2 (0 for a linear transform).
+    bending: float | None = None
     seconds: float | None = None
     score_seconds: float | None = None
     error: str | None = None

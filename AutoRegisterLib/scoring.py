@@ -10,6 +10,9 @@ The design follows the measurements in ../shared/SCORING.md:
 * Folding disqualifies: Jacobian determinant ≤ 0 over more than ``max_folding_fraction`` of the head,
   or a minimum Jacobian below ``min_jacobian``; coverage below ``min_coverage`` disqualifies too
   (LNCC² has a floor of about 0.1 for wrong alignments).
+* Bending disqualifies: a deformable whose mean bending energy over the head exceeds ``max_bending`` fits
+  contrast rather than anatomy (at 1 mm on real T2, a 10 mm B-spline grid scored highest at 1.6-3.1 mm
+  error, its bending 4-12x the limit; benchmarks/flexibility.py).
 * Global ZNCC and the signed local ZNCC mean are reported, never ranked by: they ranked failed CT runs
   and flipped alignments first. MI can give a second vote (a Borda count with the score).
 """
@@ -25,7 +28,7 @@ import numpy as np
 from .errors import InputError
 from .events import DEVICES, is_cancelled
 from .image import Image, to_sitk
-from .transforms import jacobian_determinant
+from .transforms import bending_energy, displacement_on_grid, jacobian_determinant
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class ScoringSettings:
     # multi-modal pairs an MI-driven B-spline scored 0.3-4 % above the exact linear result while bending
     # anatomy (benchmarks/selection.py; 3 % is the smallest value right on all 18 measured cases).
     complexity_penalty: float = 0.03
+    # A deformable whose mean bending energy over the head (mm^-2, on the scoring grid) exceeds this is
+    # disqualified: it fits contrast, not anatomy (0: no limit). See `max_bending` in README's scorer section.
+    max_bending: float = 3e-4
 
     def to_dict(self) -> dict:
         """Plain-data form for result.json."""
@@ -192,7 +198,7 @@ def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.nda
     # share of what the moving image could cover.
     coverage = min(1.0, covered / coverable)
     out = {"coverage": coverage, "lncc": 0.0, "zncc": 0.0, "zncc_local": 0.0, "mi": 0.0,
-           "folding_fraction": 0.0, "min_jacobian": 1.0, "score": 0.0, "disqualified": None}
+           "folding_fraction": 0.0, "min_jacobian": 1.0, "bending": 0.0, "score": 0.0, "disqualified": None}
     if region.sum() < 8:
         out["disqualified"] = f"no overlap with the fixed head (coverage {coverage:.3f})"
         return out
@@ -209,14 +215,20 @@ def score_candidate(fixed: Image, warped: Image, valid: np.ndarray, head: np.nda
     out["mi"] = float(mutual_information(f.cpu().numpy(), m.cpu().numpy(), mask=region))
     out["score"] = combined_score(out["lncc"] if settings.metric == "lncc" else out["mi"], covered,
                                   transform_type, settings)
-    det = jacobian_determinant(transform, fixed, head) if transform is not None else np.ones(1)
+    # One displacement field serves the Jacobian and the bending energy.
+    field = displacement_on_grid(transform, fixed) if transform is not None and not transform.IsLinear() else None
+    det = jacobian_determinant(transform, fixed, head, field) if transform is not None else np.ones(1)
     out["folding_fraction"] = float((det <= 0).mean()) if det.size else 0.0
     out["min_jacobian"] = float(det.min()) if det.size else 1.0
+    out["bending"] = bending_energy(transform, fixed, head, field) if field is not None else 0.0
     if out["folding_fraction"] > settings.max_folding_fraction:
         out["disqualified"] = (f"folds {100 * out['folding_fraction']:.1f}% of the head "
                                f"(limit {100 * settings.max_folding_fraction:.1f}%)")
     elif out["min_jacobian"] < settings.min_jacobian:
         out["disqualified"] = f"minimum Jacobian {out['min_jacobian']:.2f} is below {settings.min_jacobian}"
+    elif settings.max_bending and out["bending"] > settings.max_bending:
+        out["disqualified"] = (f"bends more than anatomy does: mean bending energy {out['bending']:.1e} mm^-2 "
+                               f"over the head (limit {settings.max_bending:.1e}); it fits contrast")
     elif coverage < settings.min_coverage:
         out["disqualified"] = f"covers {100 * coverage:.0f}% of the head (minimum {100 * settings.min_coverage:.0f}%)"
     return out

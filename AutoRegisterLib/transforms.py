@@ -131,14 +131,17 @@ def affine_from_field(field, max_residual_mm: float = 0.05):
     return sitk.AffineTransform(tuple(matrix.ravel()), tuple(translation), tuple(center))
 
 
-def jacobian_determinant(transform, grid: Image, region: np.ndarray | None = None) -> np.ndarray:
-    """Jacobian determinant of a fixed->moving transform at the grid's voxels (inside `region` if given)."""
+def jacobian_determinant(transform, grid: Image, region: np.ndarray | None = None,
+                         displacement: np.ndarray | None = None) -> np.ndarray:
+    """Jacobian determinant of a fixed->moving transform at the grid's voxels (inside `region` if given);
+    `displacement` is the transform's `displacement_on_grid`, when the caller has it already."""
     dim = grid.dimension
     n = int(region.sum()) if region is not None else grid.array.size
     if transform is None or transform.IsLinear():
         det = 1.0 if transform is None else float(np.linalg.det(linear_map(transform)[0]))
         return np.full(n, det)
-    u = _displacement_on_grid(transform, grid)  # (z,y,x,dim) physical displacement components (x,y,z)
+    # (z,y,x,dim) physical displacement components (x,y,z)
+    u = displacement_on_grid(transform, grid) if displacement is None else displacement
     spacing_zyx = tuple(reversed(grid.spacing_mm))
     # du/d(index·spacing) along array axes (z,y,x), kept only inside the region: the head is about
     # half the grid, and a batched det over every voxel cost more than the rest of the scoring.
@@ -154,7 +157,31 @@ def jacobian_determinant(transform, grid: Image, region: np.ndarray | None = Non
     return _det(jac)
 
 
-def _displacement_on_grid(transform, grid: Image) -> np.ndarray:
+def bending_energy(transform, grid: Image, region: np.ndarray | None = None,
+                   displacement: np.ndarray | None = None) -> float:
+    """Mean bending energy of the transform's displacement over `region` (mm^-2): the summed squares of
+    every second derivative of every component. Zero for a linear transform; a field that fits contrast
+    instead of anatomy is rough, one that follows a smooth anatomical change is not."""
+    if transform is None or transform.IsLinear():
+        return 0.0
+    u = displacement_on_grid(transform, grid) if displacement is None else displacement
+    spacing_zyx = tuple(reversed(grid.spacing_mm))
+    keep = region if region is not None else np.ones(u.shape[:-1], bool)
+    if not keep.any():
+        return 0.0
+    total = np.zeros(int(keep.sum()))
+    dim = grid.dimension
+    for c in range(dim):
+        first = np.gradient(u[..., c], *spacing_zyx)
+        for a in range(dim):
+            # The Hessian is symmetric: each mixed derivative is taken once and counted twice.
+            for b in range(a, dim):
+                second = np.gradient(first[a], spacing_zyx[b], axis=b)
+                total += (1.0 if a == b else 2.0) * second[keep] ** 2
+    return float(total.mean())
+
+
+def displacement_on_grid(transform, grid: Image) -> np.ndarray:
     """The transform's displacement at the grid's voxels, (z,y,x,dim); a field already on the grid is read as is."""
     import SimpleITK as sitk
 

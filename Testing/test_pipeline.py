@@ -218,3 +218,12 @@ def test_cancel_while_the_scorer_loads_ends_the_run_at_once(rigid_case4, monkeyp
     with pytest.raises(Cancelled):
         auto_register(rigid_case4.fixed, rigid_case4.moving, presets=["sitk-rigid"], cancel=waiting.is_set)
     assert waiting.is_set() and time.perf_counter() - t0 < 20
+
+
+def test_a_preset_limited_to_finer_inputs_stays_out_of_the_race_on_coarse_ones(rigid_case4, tmp_path):
+    case = rigid_case4  # 4 mm voxels
+    fine_only = {"name": "fine-rigid", "backend": "sitk", "transform_type": "rigid", "max_input_mm": 1.5}
+    result = auto_register(case.fixed, case.moving, fixed_modality="T1", moving_modality="T2",
+                           table=_table(tmp_path, ["sitk-rigid", fine_only]), pose_search=False, judge=False)
+    assert [c.name for c in result.candidates] == ["sitk-rigid"]
+    assert [p.name for p in result.table.presets] == ["sitk-rigid"]

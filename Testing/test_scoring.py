@@ -197,3 +197,53 @@ def test_a_slab_inside_the_head_is_judged_against_what_it_could_cover(rigid_case
                                coverable=coverable)
     assert half_off["coverage"] < honest["coverage"]
     assert half_off["score"] < honest["score"]
+
+
+def _physical_field(grid: Image, displacement) -> sitk.Transform:
+    """A dense field on `grid` whose displacement at physical point p (x, y, z in mm) is displacement(p)."""
+    k = np.stack(np.meshgrid(*[np.arange(n) for n in reversed(grid.array.shape)], indexing="ij"), -1)  # x,y,z
+    points = np.asarray(grid.origin_mm) + (k * np.asarray(grid.spacing_mm)) @ grid.direction.T
+    u = np.transpose(displacement(points), (2, 1, 0, 3))  # to (z, y, x, 3)
+    field = sitk.GetImageFromArray(u.astype(np.float64), isVector=True)
+    field.CopyInformation(to_sitk(grid, np.uint8))
+    return sitk.DisplacementFieldTransform(field)
+
+
+def test_bending_energy_is_the_hessians_squared_norm_whatever_the_grid_orientation():
+    from AutoRegisterLib.transforms import bending_energy
+
+    grid = _oblique_grid((30, 32, 34))
+    n = np.array([0.6, 0.0, 0.8])  # unit; the field bends along n and displaces along e
+    e = np.array([0.0, 1.0, 0.0])
+    a = 0.01
+
+    def quadratic(p):
+        return a * ((p @ n) ** 2)[..., None] * e  # Hessian of the e-component: 2a n n^T, squared norm 4a^2
+
+    inside = np.zeros(grid.array.shape, bool)
+    inside[3:-3, 3:-3, 3:-3] = True  # np.gradient is one-sided at the border
+    assert bending_energy(_physical_field(grid, quadratic), grid, inside) == pytest.approx(4 * a * a, rel=1e-6)
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((1.1, 0.1, 0, 0, 0.9, 0, 0, 0, 1.2))
+    assert bending_energy(affine, grid) == 0.0
+    assert bending_energy(_field_transform(affine, grid), grid, inside) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_field_that_ripples_is_disqualified_and_a_smooth_one_is_not():
+    """A deformable that fits contrast bends at the scale of the image's texture; anatomy bends smoothly."""
+    grid = _oblique_grid((30, 32, 34))
+    arr = np.random.default_rng(2).uniform(1, 2, grid.array.shape).astype(np.float32)
+    img = grid.with_array(arr)
+    head = np.ones(arr.shape, bool)
+
+    def wave(amplitude_mm, wavelength_mm):
+        return lambda p: amplitude_mm * np.sin(2 * np.pi * p[..., 2:3] / wavelength_mm) * np.array([1.0, 0, 0])
+
+    smooth = score_candidate(img, img, head, head, SETTINGS, _physical_field(grid, wave(3.0, 150.0)))
+    ripple = score_candidate(img, img, head, head, SETTINGS, _physical_field(grid, wave(0.3, 12.0)))
+    assert smooth["disqualified"] is None and 0 < smooth["bending"] < SETTINGS.max_bending
+    assert ripple["bending"] > SETTINGS.max_bending and ripple["folding_fraction"] == 0.0
+    assert "bends more than anatomy" in ripple["disqualified"]
+    unlimited = score_candidate(img, img, head, head, ScoringSettings(max_bending=0.0),
+                                _physical_field(grid, wave(0.3, 12.0)))
+    assert unlimited["disqualified"] is None

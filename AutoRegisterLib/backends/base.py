@@ -32,7 +32,9 @@ class Preset:
 
     `grid_mm` sizes its finest stage physically: it registers copies of the images coarsened to voxels of at
     least `grid_mm` along each axis (0: the input's own grid). Its transform, being physical, applies to the
-    inputs as they are.
+    inputs as they are. `max_input_mm` (0: no limit) keeps it out of a table's race when the fixed image's
+    voxels are coarser than that along some axis: a preset that pays at 1 mm may overfit at 3 mm;
+    `min_input_mm` (0: no limit) keeps it out when they are that fine or finer along every axis.
     """
 
     name: str
@@ -40,17 +42,29 @@ class Preset:
     transform_type: str
     params: dict = field(default_factory=dict)
     grid_mm: float = 0.0
+    max_input_mm: float = 0.0
+    min_input_mm: float = 0.0
 
     def to_dict(self) -> dict:
         """Plain-data form, for JSON and for passing to worker processes."""
-        return {"name": self.name, "backend": self.backend, "transform_type": self.transform_type,
-                "params": dict(self.params), "grid_mm": self.grid_mm}
+        out = {"name": self.name, "backend": self.backend, "transform_type": self.transform_type,
+               "params": dict(self.params), "grid_mm": self.grid_mm}
+        for key in ("max_input_mm", "min_input_mm"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Preset:
         """Inverse of `to_dict` (validation of user tables happens in `presets.py`)."""
         return cls(d["name"], d["backend"], d["transform_type"], dict(d.get("params", {})),
-                   float(d.get("grid_mm", 0.0)))
+                   float(d.get("grid_mm", 0.0)), float(d.get("max_input_mm", 0.0)), float(d.get("min_input_mm", 0.0)))
+
+    def suits(self, fixed_spacing_mm) -> bool:
+        """Whether this preset races on a fixed image with these voxel sizes (`max_input_mm`, `min_input_mm`)."""
+        coarsest = max(fixed_spacing_mm)
+        return ((not self.max_input_mm or coarsest <= self.max_input_mm + 1e-6)
+                and (not self.min_input_mm or coarsest > self.min_input_mm + 1e-6))
 
 
 @dataclass
