@@ -72,6 +72,16 @@ def load_icbm(name: str, spacing_mm: float = 2.0) -> Image:
     return resample_to_grid(from_sitk(smoothed), grid)
 
 
+def contrast_inverted(t1: Image) -> Image:
+    """A synthetic contrast with one exact intensity map: the T1 turned upside down inside its head, zero outside."""
+    from AutoRegisterLib.scoring import head_mask
+
+    head = head_mask(t1, "T1")
+    a = np.asarray(t1.array, np.float32)
+    top = float(np.percentile(a[head], 99.5))
+    return t1.with_array(np.where(head, np.clip(top - a, 0.0, None), 0.0).astype(np.float32))
+
+
 def load_ct() -> Image:
     """Load the real InVesalius head CT as int16 Hounsfield units in LPS (see ../shared/DATA.md)."""
     if not CT_ARCHIVE.exists():

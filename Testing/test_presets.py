@@ -61,6 +61,7 @@ def _write(tmp_path, **overrides):
     ({"scoring": {"min_coverage": 1.5}}, "scoring.min_coverage"),
     ({"scoring": {"windw": 5}}, "scoring.windw"),
     ({"scoring": {"complexity_penalty": 0.6}}, "scoring.complexity_penalty"),
+    ({"scoring": {"max_bending": -1e-4}}, "scoring.max_bending"),
     ({"presets": [{"name": "x", "backend": "fsl", "transform_type": "rigid"}]}, "presets[0].backend"),
     ({"presets": [{"name": "x", "backend": "ants", "transform_type": "warp"}]}, "presets[0].transform_type"),
     ({"presets": ["ants-rigid", "ants-rigid"]}, "presets"),
@@ -68,6 +69,10 @@ def _write(tmp_path, **overrides):
     ({"racing": {"keep": 1, "full_resolution": ["elastix-rigid"]}}, "racing.full_resolution"),
     ({"racing": {"keep": 1, "full_resolution": "elastix-bspline"}}, "racing.full_resolution"),
     ({"racing": {"kep": 1}}, "racing.kep"),
+    ({"presets": [{"name": "elastix-defaults", "max_input_mm": -1}]}, "presets[0].max_input_mm"),
+    ({"presets": [{"name": "elastix-defaults", "max_input_mm": 1.5, "grid_mm": 2}]}, "presets[0]"),
+    ({"presets": [{"name": "x", "backend": "sitk", "transform_type": "rigid", "max_input_mm": "1"}]},
+     "presets[0].max_input_mm"),
 ])
 def test_invalid_table_error_names_file_and_field(tmp_path, overrides, field):
     path = _write(tmp_path, **overrides)
@@ -221,3 +226,39 @@ def test_the_readme_example_table_loads_and_its_params_are_valid(tmp_path):
     assert table.racing.full_resolution == ("elastix-bspline",)
     for preset in table.presets:
         get_backend(preset.backend).validate(preset)
+
+
+def test_a_preset_limited_to_fine_inputs_races_only_on_them(tmp_path):
+    limited = {"name": "elastix-defaults", "max_input_mm": 1.5}
+    path = _write(tmp_path, presets=["ants-rigid", limited, "elastix-bspline"],
+                  racing={"keep": 1, "full_resolution": ["elastix-defaults", "elastix-bspline"]})
+    table = load_table(path)
+    assert table.presets[1].max_input_mm == 1.5
+    assert table.presets[1].params == load_catalog()["elastix-defaults"].params
+    fine = table.for_input((1.0, 1.0, 1.0))
+    assert fine is table
+    # A thick-slice fixed series is coarse along one axis: the limit holds on its largest spacing.
+    coarse = table.for_input((1.0, 1.0, 3.0))
+    assert [p.name for p in coarse.presets] == ["ants-rigid", "elastix-bspline"]
+    assert coarse.racing.full_resolution == ("elastix-bspline",)
+    # The limit survives the plain-data form the Slicer module hands the engine.
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps(table.to_dict()))
+    assert load_table(again).presets == table.presets
+
+
+def test_a_table_of_limited_presets_alone_still_races_them():
+    table = table_from_presets(["elastix-defaults"])
+    only = dataclasses.replace(table, presets=(dataclasses.replace(table.presets[0], max_input_mm=1.0),))
+    assert only.for_input((3.0, 3.0, 3.0)).presets == only.presets
+
+
+def test_the_t1_table_races_elastix_defaults_at_1_mm_and_elastix_bspline_on_coarser_inputs():
+    table = find_table("T1", "T1")
+    at_1mm = [p.name for p in table.for_input((1.0, 1.0, 1.0)).presets]
+    at_3mm = [p.name for p in table.for_input((3.0, 3.0, 3.0)).presets]
+    assert "elastix-defaults" in at_1mm and "elastix-bspline" not in at_1mm
+    assert "elastix-bspline" in at_3mm and "elastix-defaults" not in at_3mm
+    # A 1 mm in-plane series with 5 mm slices is coarse: its through-plane voxels decide.
+    assert [p.name for p in table.for_input((1.0, 1.0, 5.0)).presets] == at_3mm
+    assert table.for_input((3.0, 3.0, 3.0)).racing.full_resolution == ("elastix-bspline",)

@@ -1,7 +1,8 @@
 """Does the Register button pick the best? Selection regret and cost of auto_register on cases with ground truth.
 
 Cases: ICBM152 T1 -> T1 and T2 -> T1 at `--spacing-mm`, each with K random known misalignments per class
-(rigid, affine, smooth nonlinear), plus the real head CT -> T1 (no ground truth: score and head-mask overlap).
+(rigid, affine, smooth nonlinear), optionally T2 with thick slices and a contrast-inverted T1 (a synthetic
+contrast), plus the real head CT -> T1 (no ground truth: score and head-mask overlap).
 For every case every preset runs alone (its own `auto_register(presets=[name])`, timed), then the race runs
 (`auto_register` with every preset, timed), and with `--racing` the race with a coarse-to-fine racing table.
 Each candidate's true error is the mean CerebrA label Dice and the mean point error over the whole head.
@@ -29,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from AutoRegisterDev.data import (  # noqa: E402
+    contrast_inverted,
     isotropic_grid,
     label_dice,
     load_ct,
@@ -50,7 +52,7 @@ from AutoRegisterLib.scoring import (  # noqa: E402
     head_mask,
     score_candidate,
 )
-from AutoRegisterLib.transforms import jacobian_determinant  # noqa: E402
+from AutoRegisterLib.transforms import bending_energy, jacobian_determinant  # noqa: E402
 
 CLASSES = {
     "rigid": {"rotation_deg": 12.0, "translation_mm": 10.0},
@@ -86,6 +88,9 @@ VARIANTS = [
     ("folding veto 0.1%", {"max_folding_fraction": 0.001}),
     ("folding veto 5%", {"max_folding_fraction": 0.05}),
     ("no folding veto", {"max_folding_fraction": 1.0, "min_jacobian": -1e30}),
+    ("no bending veto", {"max_bending": 0.0}),
+    ("bending veto 1e-4", {"max_bending": 1e-4}),
+    ("bending veto 1e-3", {"max_bending": 1e-3}),
     ("simpler wins within 0.005", {"tie_tolerance": 0.005}),
     ("simpler wins within 0.01", {"tie_tolerance": 0.01}),
     ("MI second vote", {"mi_vote": True}),
@@ -102,7 +107,8 @@ def pair_table(table_name: str, presets: list[str] | None):
     """The built-in table for a pair, restricted to presets this install can run (or to `presets`)."""
     catalog = load_catalog()
     raw = json.loads((TABLES_DIR / f"{table_name}.json").read_text())
-    names = presets or [n for n in raw["presets"] if isinstance(n, str) and n in catalog]
+    entries = {(e if isinstance(e, str) else e.get("name")): e for e in raw["presets"]}
+    names = presets or [n for n in entries if n in catalog]
     for n in names:
         ok, reason = get_backend(catalog[n].backend).availability()
         if not ok:
@@ -111,7 +117,8 @@ def pair_table(table_name: str, presets: list[str] | None):
     names = [n for n in names if n not in LEFT_OUT]
     if not names:
         raise InputError(f"{table_name}: none of its presets can run here")
-    raw["presets"] = names
+    # A catalog entry with a condition (max_input_mm) keeps it.
+    raw["presets"] = [entries.get(n, n) for n in names]
     # Through load_table, so the scoring settings are validated exactly as the button reads them.
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{table_name}.json"
@@ -145,7 +152,7 @@ def candidate_truth(case, transform, head: np.ndarray) -> dict:
 def raw_measures(result, fixed_modality: str, base_grid: float) -> dict:
     """Per candidate with a transform: score inputs for every scoring grid, window and head mask (mask off
     on the table's grid only), and the Jacobian stats, as the scorer takes them (scoring.grid_mm)."""
-    loose = ScoringSettings(max_folding_fraction=1.0, min_jacobian=-1e30, min_coverage=0.0)
+    loose = ScoringSettings(max_folding_fraction=1.0, min_jacobian=-1e30, min_coverage=0.0, max_bending=0.0)
     grids = {}
     for g in GRIDS:
         fixed, moving = coarsened(result.fixed, g), coarsened(result.moving, g)
@@ -164,11 +171,13 @@ def raw_measures(result, fixed_modality: str, base_grid: float) -> dict:
                 det = jacobian_determinant(cand.transform, fixed, mask)
                 folding = float((det <= 0).mean()) if det.size else 0.0
                 min_jac = float(det.min()) if det.size else 1.0
+                bending = bending_energy(cand.transform, fixed, mask)
                 for w in WINDOWS:
                     m = score_candidate(fixed, warped.warped, warped.valid_mask, mask,
                                         replace(loose, window_voxels=w), transform=None)
                     per[f"{mask_name}/{g:g}/{w}"] = {"lncc": m["lncc"], "mi": m["mi"], "coverage": m["coverage"],
                                                      "folding_fraction": folding, "min_jacobian": min_jac,
+                                                     "bending": bending,
                                                      "no_overlap": m["disqualified"] is not None}
         out[cand.name] = per
     return out
@@ -180,7 +189,8 @@ def rescore(measures: dict, settings: ScoringSettings, transform_type: str) -> d
     score = combined_score(m["lncc"] if settings.metric == "lncc" else m["mi"], m["coverage"], transform_type,
                            settings)
     vetoed = (m["no_overlap"] or m["folding_fraction"] > settings.max_folding_fraction
-              or m["min_jacobian"] < settings.min_jacobian or m["coverage"] < settings.min_coverage)
+              or m["min_jacobian"] < settings.min_jacobian or m["coverage"] < settings.min_coverage
+              or bool(settings.max_bending and m.get("bending", 0.0) > settings.max_bending))
     return {"score": score, "mi": m["mi"], "coverage": m["coverage"], "vetoed": vetoed}
 
 
@@ -254,6 +264,7 @@ def run_truth_case(name, case, fm, mm, table, args) -> dict:
     import SimpleITK as sitk
 
     head = head_mask(case.fixed, fm)
+    table = table.for_input(case.fixed.spacing_mm)  # the presets the button races on this input
     identity = sitk.Transform(case.fixed.dimension, sitk.sitkIdentity)
     rec = {"name": name, "initial": candidate_truth(case, identity, head), "singles": {}}
     singles = run_singles(case.fixed, case.moving, fm, mm, table, args.timeout)
@@ -610,6 +621,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", default="", help="modality pairs to run, e.g. 'T2->T1,T2 thick->T1' (default: all)")
     ap.add_argument("--thick-mm", type=float, default=0.0,
                     help="also T2 -> T1 cases whose moving series has slices this thick (z), per class")
+    ap.add_argument("--inverted", action="store_true",
+                    help="also contrast-inverted T1 -> T1 cases (a synthetic contrast, raced with the T2 -> T1 table)")
     ap.add_argument("--defaults", default="",
                     help="default pipelines run alone beside the click, e.g. elastix-defaults,brainsfit-defaults")
     ap.add_argument("--reference", action="store_true",
@@ -625,7 +638,7 @@ def main(argv=None) -> int:
     json_path = out / "selection.json"
     wanted = [p.strip() for p in args.presets.split(",") if p.strip()] or None
     tables = {pair: pair_table(name, wanted) for pair, (_, _, name) in PAIRS.items()}
-    presets = sorted({p.name for t in tables.values() for p in t.presets}, key=lambda n: n)
+    presets = sorted({p.name for t in tables.values() for p in t.for_input((args.spacing_mm,) * 3).presets})
 
     if args.rescore_only:
         data = json.loads(json_path.read_text())
@@ -648,6 +661,10 @@ def main(argv=None) -> int:
         pairs = dict(PAIRS)
         if args.thick_mm:
             pairs["T2 thick->T1"] = PAIRS["T2->T1"]
+        if args.inverted:
+            # After the others, so that adding it changes no other case's seed.
+            sources["t1 inverted"] = contrast_inverted(t1)
+            pairs["T1 inverted->T1"] = ("t1 inverted", "T2", "T2_to_T1")
         for k in range(args.per_class):
             for ci, (cls, misalignment) in enumerate(CLASSES.items()):
                 if cls not in args.classes.split(","):
@@ -663,7 +680,8 @@ def main(argv=None) -> int:
                         case = replace(case, moving=coarsened(case.moving, (0.0, 0.0, args.thick_mm)))
                         name = f"T2 ({args.thick_mm:g} mm slices)->T1 {cls} #{k}"
                     t0 = time.perf_counter()
-                    rec = run_truth_case(name, case, "T1", mm, tables[pair.replace(" thick", "")], args)
+                    table = tables["T2->T1" if pair in ("T2 thick->T1", "T1 inverted->T1") else pair]
+                    rec = run_truth_case(name, case, "T1", mm, table, args)
                     rec.update(pair=pair, misalignment=cls, seed=seed)
                     cases.append(rec)
                     cand = rec["auto"]["candidates"]
