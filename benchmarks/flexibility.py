@@ -13,7 +13,7 @@ ants-syn, BRAINSFit's B-splines...) beside an affine. Per candidate, without gro
 - `consensus_mm`: mean distance over the head to the voxelwise median of the other candidates' displacements;
 
 and the truth: mean point error over the head. Per rule, the chosen candidate's regret against the truly
-best candidate is printed.
+best candidate is printed; the scorer keeps the bending veto (`ScoringSettings.max_bending`).
 
     python benchmarks/flexibility.py [--spacing-mm 1] [--seeds 1] [--out bench_out/flexibility]
 """
@@ -113,8 +113,15 @@ def rules(settings: ScoringSettings) -> dict:
     def scored(key):
         return lambda s: combined_score(s[key], s["coverage"], s["transform_type"], settings)
 
+    limit = ScoringSettings().max_bending
+
+    def vetoed(s):
+        return s["score"] if s["bending"] <= limit else -1.0
+
     return {
-        "score (LNCC, today)": lambda s: s["score"],
+        "score (LNCC, no bending veto)": lambda s: s["score"],
+        f"score, bending veto {limit:.0e} (kept)": vetoed,
+        "score - 100 x bending (a penalty)": lambda s: s["score"] - 100.0 * s["bending"],
         "coarse LNCC": scored("lncc_coarse"),
         "NGF": scored("ngf"),
         "LNCC x NGF": lambda s: s["score"] * s["ngf"],
@@ -155,9 +162,14 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
     ap.add_argument("--thick-mm", type=float, default=5.0)
     ap.add_argument("--out", default="bench_out/flexibility")
+    ap.add_argument("--report-only", action="store_true", help="re-print the report of --out/flexibility.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        data = json.loads((out / "flexibility.json").read_text())
+        print(report(data["cases"], pair_table("T2_to_T1", None).scoring))
+        return 0
     t1 = load_icbm("t1", args.spacing_mm)
     sources = {"T1->T1": (t1, "T1"), "T2->T1": (load_icbm("t2", args.spacing_mm), "T2"),
                "T1 inverted->T1": (contrast_inverted(t1), "T2")}
