@@ -228,15 +228,17 @@ def test_the_readme_example_table_loads_and_its_params_are_valid(tmp_path):
         get_backend(preset.backend).validate(preset)
 
 
-def test_a_preset_limited_to_fine_inputs_races_only_on_them(tmp_path):
+def test_presets_limited_to_fine_or_coarse_inputs_race_only_on_them(tmp_path):
     limited = {"name": "elastix-defaults", "max_input_mm": 1.5}
-    path = _write(tmp_path, presets=["ants-rigid", limited, "elastix-bspline"],
+    coarse_only = {"name": "elastix-bspline", "min_input_mm": 1.5}
+    path = _write(tmp_path, presets=["ants-rigid", limited, coarse_only],
                   racing={"keep": 1, "full_resolution": ["elastix-defaults", "elastix-bspline"]})
     table = load_table(path)
     assert table.presets[1].max_input_mm == 1.5
     assert table.presets[1].params == load_catalog()["elastix-defaults"].params
     fine = table.for_input((1.0, 1.0, 1.0))
-    assert fine is table
+    assert [p.name for p in fine.presets] == ["ants-rigid", "elastix-defaults"]
+    assert fine.racing.full_resolution == ("elastix-defaults",)
     # A thick-slice fixed series is coarse along one axis: the limit holds on its largest spacing.
     coarse = table.for_input((1.0, 1.0, 3.0))
     assert [p.name for p in coarse.presets] == ["ants-rigid", "elastix-bspline"]
@@ -252,13 +254,3 @@ def test_a_table_of_limited_presets_alone_still_races_them():
     only = dataclasses.replace(table, presets=(dataclasses.replace(table.presets[0], max_input_mm=1.0),))
     assert only.for_input((3.0, 3.0, 3.0)).presets == only.presets
 
-
-def test_the_t1_table_races_elastix_defaults_at_1_mm_and_elastix_bspline_on_coarser_inputs():
-    table = find_table("T1", "T1")
-    at_1mm = [p.name for p in table.for_input((1.0, 1.0, 1.0)).presets]
-    at_3mm = [p.name for p in table.for_input((3.0, 3.0, 3.0)).presets]
-    assert "elastix-defaults" in at_1mm and "elastix-bspline" not in at_1mm
-    assert "elastix-bspline" in at_3mm and "elastix-defaults" not in at_3mm
-    # A 1 mm in-plane series with 5 mm slices is coarse: its through-plane voxels decide.
-    assert [p.name for p in table.for_input((1.0, 1.0, 5.0)).presets] == at_3mm
-    assert table.for_input((3.0, 3.0, 3.0)).racing.full_resolution == ("elastix-bspline",)
