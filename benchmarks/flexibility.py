@@ -9,7 +9,8 @@ ants-syn, BRAINSFit's B-splines...) beside an affine. Per candidate, without gro
 - `lncc_coarse`: LNCC at a coarser scale than any backend optimises (4 mm grid, window 5: 20 mm);
 - `ngf`: gradient-orientation agreement (normalised gradient fields, squared so contrast-inverting maps
   agree), a similarity no backend optimises;
-- `bending`: mean bending energy of the displacement over the head (mm^-1 squared, 2 mm grid);
+- `bending`: mean bending energy of the displacement over the head (mm^-2; the scorer's
+  `transforms.bending_energy`, on the scoring grid);
 - `consensus_mm`: mean distance over the head to the voxelwise median of the other candidates' displacements;
 
 and the truth: mean point error over the head. Per rule, the chosen candidate's regret against the truly
@@ -39,7 +40,7 @@ from AutoRegisterLib.image import coarsened  # noqa: E402
 from AutoRegisterLib.pipeline import auto_register  # noqa: E402
 from AutoRegisterLib.presets import table_from_presets  # noqa: E402
 from AutoRegisterLib.scoring import ScoringSettings, combined_score, head_mask, score_candidate  # noqa: E402
-from AutoRegisterLib.transforms import sampled_field  # noqa: E402
+from AutoRegisterLib.transforms import bending_energy, sampled_field  # noqa: E402
 
 CANDIDATES = ["ants-affine", "elastix-bspline", "elastix-defaults", "ants-syn", "brainsfit-bspline",
               "brainsfit-defaults", "ants-defaults"]
@@ -53,18 +54,6 @@ def displacement(transform, grid) -> np.ndarray:
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(sampled_field(transform, grid))
-
-
-def bending(disp: np.ndarray, spacing_zyx, head: np.ndarray) -> float:
-    """Mean over the head of the summed squared second derivatives of every displacement component."""
-    total = np.zeros(head.shape)
-    for c in range(3):
-        first = np.gradient(disp[..., c], *spacing_zyx)
-        for i, g in enumerate(first):
-            for j, h in enumerate(np.gradient(g, *spacing_zyx)):
-                if j >= i:
-                    total += (2.0 if j > i else 1.0) * h ** 2
-    return float(total[head].mean())
 
 
 def ngf(fixed: np.ndarray, warped: np.ndarray, region: np.ndarray, spacing_zyx) -> float:
@@ -100,7 +89,7 @@ def measure(case, cands: dict, table_scoring: ScoringSettings) -> dict:
             "coverage": cand.coverage,
             "lncc_coarse": mc["lncc"],
             "ngf": ngf(grid.array, w.warped.array, region, spacing),
-            "bending": bending(disps[name], spacing, head),
+            "bending": bending_energy(cand.transform, grid, head, disps[name]),
             "consensus_mm": float(np.linalg.norm(disps[name] - median, axis=-1)[head].mean()),
             "error_mm": point_error_mm(case, cand.transform, head_mask(case.fixed, "T1")),
         }
