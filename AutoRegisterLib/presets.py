@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
-from .backends.base import TRANSFORM_TYPES, Preset
+from .backends.base import INPUT_LIMITS, TRANSFORM_TYPES, Preset
 from .errors import InputError
 
 # Re-exported: the Slicer module and tables.py import these three from here.
@@ -170,10 +170,6 @@ def parse_preset(entry, path, where: str) -> Preset:
              f"must be a number of mm in [0, 20] (0: the input's grid), got {grid!r}")
     return Preset(entry["name"], entry["backend"], entry["transform_type"], dict(params), float(grid),
                   **_input_limits(entry, path, where))
-
-
-#: The conditions a table may put on a preset: it races only on inputs this fine or this coarse.
-INPUT_LIMITS = ("max_input_mm", "min_input_mm")
 
 
 def _input_limits(entry: dict, path, where: str) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .image import Image, coarsened
+from .transforms import displacement_on_grid
 
 CALIBRATION_PATH = Path(__file__).resolve().parent / "resources" / "trust" / "calibration.json"
 CALIBRATION_ENV = "AUTOREGISTER_TRUST_CALIBRATION"
@@ -91,16 +92,6 @@ class Verdict:
                 "seconds": round(self.seconds, 3), "worst_slice": self.worst_slice}
 
 
-def _displacement(transform, grid: Image) -> np.ndarray:
-    """`transform`'s displacement at `grid`'s voxels (z, y, x, 3), in mm: two transforms differ at a point by
-    the difference of their displacements there."""
-    import SimpleITK as sitk
-
-    from .transforms import sampled_field
-
-    return sitk.GetArrayFromImage(sampled_field(transform, grid))
-
-
 def second_opinions(result) -> list:
     """The candidates whose transforms may vote: every other OK candidate, and those eliminated in a coarse round."""
     from .events import Status
@@ -132,8 +123,8 @@ def signals(result, head: np.ndarray | None = None, grid_mm: float = GRID_MM) ->
     base = dict(score=float(best.score or 0.0), coverage=float(best.coverage or 0.0), margin=float(margin))
     if not opinions:
         return Signals(0, 0, None, None, None, None, **base), None
-    winner = _displacement(best.transform, grid)[head]
-    per = [(cand, np.linalg.norm(_displacement(transform, grid)[head] - winner, axis=-1))
+    winner = displacement_on_grid(best.transform, grid)[head]
+    per = [(cand, np.linalg.norm(displacement_on_grid(transform, grid)[head] - winner, axis=-1))
            for cand, transform in opinions]
     medians = np.array([float(np.median(d)) for _, d in per])
     other = [float(np.median(d)) for c, d in per if c.backend != best.backend]

@@ -40,20 +40,13 @@ from AutoRegisterLib.image import coarsened  # noqa: E402
 from AutoRegisterLib.pipeline import auto_register  # noqa: E402
 from AutoRegisterLib.presets import table_from_presets  # noqa: E402
 from AutoRegisterLib.scoring import ScoringSettings, combined_score, head_mask, score_candidate  # noqa: E402
-from AutoRegisterLib.transforms import bending_energy, sampled_field  # noqa: E402
+from AutoRegisterLib.transforms import bending_energy, displacement_on_grid  # noqa: E402
 
 CANDIDATES = ["ants-affine", "elastix-bspline", "elastix-defaults", "ants-syn", "brainsfit-bspline",
               "brainsfit-defaults", "ants-defaults"]
 #: Grid (mm) of the signals that need no particular scale.
 SIGNAL_GRID_MM = 2.0
 COARSE_GRID_MM = 4.0
-
-
-def displacement(transform, grid) -> np.ndarray:
-    """(z, y, x, 3) displacement in mm at `grid`'s voxels."""
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(sampled_field(transform, grid))
 
 
 def ngf(fixed: np.ndarray, warped: np.ndarray, region: np.ndarray, spacing_zyx) -> float:
@@ -75,7 +68,7 @@ def measure(case, cands: dict, table_scoring: ScoringSettings) -> dict:
     coarse_head = head_mask(coarse_f, "T1")
     moving2 = coarsened(case.moving, SIGNAL_GRID_MM)
     loose = replace(table_scoring, max_folding_fraction=1.0, min_jacobian=-1e30, min_coverage=0.0)
-    disps = {n: displacement(c.transform, grid) for n, c in cands.items()}
+    disps = {n: displacement_on_grid(c.transform, grid) for n, c in cands.items()}
     out = {}
     for name, cand in cands.items():
         w = warp_with(cand.transform, grid, moving2)

@@ -52,7 +52,7 @@ from AutoRegisterLib.scoring import (  # noqa: E402
     head_mask,
     score_candidate,
 )
-from AutoRegisterLib.transforms import bending_energy, jacobian_determinant  # noqa: E402
+from AutoRegisterLib.transforms import bending_energy, displacement_on_grid, jacobian_determinant  # noqa: E402
 
 CLASSES = {
     "rigid": {"rotation_deg": 12.0, "translation_mm": 10.0},
@@ -167,11 +167,13 @@ def raw_measures(result, fixed_modality: str, base_grid: float) -> dict:
         per = {}
         for g, (fixed, moving, masks) in grids.items():
             warped = warp_with(cand.transform, fixed, moving)
+            # One displacement field per grid serves both masks' Jacobian and bending, as in the scorer.
+            field = None if cand.transform.IsLinear() else displacement_on_grid(cand.transform, fixed)
             for mask_name, mask in masks.items():
-                det = jacobian_determinant(cand.transform, fixed, mask)
+                det = jacobian_determinant(cand.transform, fixed, mask, field)
                 folding = float((det <= 0).mean()) if det.size else 0.0
                 min_jac = float(det.min()) if det.size else 1.0
-                bending = bending_energy(cand.transform, fixed, mask)
+                bending = bending_energy(cand.transform, fixed, mask, field)
                 for w in WINDOWS:
                     m = score_candidate(fixed, warped.warped, warped.valid_mask, mask,
                                         replace(loose, window_voxels=w), transform=None)

@@ -24,6 +24,8 @@ from ..errors import BackendUnavailable, InputError
 from ..image import Image, resample_to_grid
 
 TRANSFORM_TYPES = ("rigid", "affine", "deformable")
+#: The conditions a table may put on a preset: it races only on inputs this fine or this coarse.
+INPUT_LIMITS = ("max_input_mm", "min_input_mm")
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Preset:
         """Plain-data form, for JSON and for passing to worker processes."""
         out = {"name": self.name, "backend": self.backend, "transform_type": self.transform_type,
                "params": dict(self.params), "grid_mm": self.grid_mm}
-        for key in ("max_input_mm", "min_input_mm"):
+        for key in INPUT_LIMITS:
             if getattr(self, key):
                 out[key] = getattr(self, key)
         return out
@@ -58,7 +60,7 @@ class Preset:
     def from_dict(cls, d: dict) -> Preset:
         """Inverse of `to_dict` (validation of user tables happens in `presets.py`)."""
         return cls(d["name"], d["backend"], d["transform_type"], dict(d.get("params", {})),
-                   float(d.get("grid_mm", 0.0)), float(d.get("max_input_mm", 0.0)), float(d.get("min_input_mm", 0.0)))
+                   float(d.get("grid_mm", 0.0)), **{k: float(d.get(k, 0.0)) for k in INPUT_LIMITS})
 
     def suits(self, fixed_spacing_mm) -> bool:
         """Whether this preset races on a fixed image with these voxel sizes (`max_input_mm`, `min_input_mm`)."""
